@@ -1,0 +1,10 @@
+"""hq_lightning: quantization-aware training for BPU-family int8/int16 accelerators.
+
+The public module paths mirror ``horizon_plugin_pytorch`` so user code runs after replacing the
+package name. This top-level package imports neither Lightning nor Hydra.
+"""
+
+from hq_lightning.march import March, get_march, set_march
+
+__all__ = ["March", "get_march", "set_march", "__version__"]
+__version__ = "0.1.0"

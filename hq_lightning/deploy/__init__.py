@@ -1,0 +1,1 @@
+"""Deployment: segmentation into stages, the YUV input patch, TorchScript and ONNX export."""

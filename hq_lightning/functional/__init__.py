@@ -1,0 +1,1 @@
+"""Functional ops: colour space conversions and integer kernels."""

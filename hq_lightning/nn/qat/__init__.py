@@ -1,0 +1,1 @@
+"""hq_lightning.nn.qat"""

@@ -1,0 +1,48 @@
+"""Core quantization API: observers, fake quant, qconfigs, stubs and the FX graph passes.
+
+Names are resolved lazily so that importing one piece never drags in the others (and a graph
+pass is only imported when it is used).
+"""
+
+import importlib
+
+_EXPORTS = {
+    # observers
+    "ObserverBase": "observer",
+    "MinMaxObserver": "observer",
+    "MovingAveragePerTensorMinMaxObserver": "observer",
+    "MovingAveragePerChannelMinMaxObserver": "observer",
+    "FixedScaleObserver": "observer",
+    "ClipObserver": "observer",
+    "PercentileObserver": "observer",
+    "MSEObserver": "observer",
+    "KLObserver": "observer",
+    "MixObserver": "observer",
+    # fake quant and its states
+    "FakeQuantize": "fake_quantize",
+    "CalibFakeQuantize": "fake_quantize",
+    "FakeQuantState": "state",
+    "set_fake_quantize": "state",
+    "QConfig": "qconfig",
+    # stubs
+    "QuantStub": "stubs",
+    "DeQuantStub": "stubs",
+    # graph passes
+    "fuse_fx": "fx.fuse",
+    "prepare_qat_fx": "fx.prepare",
+    "convert_fx": "fx.convert",
+    "register_fusion_pattern": "fx.patterns",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        module = importlib.import_module(f"{__name__}.{_EXPORTS[name]}")
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__
