@@ -4,7 +4,8 @@ The public module paths mirror ``horizon_plugin_pytorch`` so user code runs afte
 package name. This top-level package imports neither Lightning nor Hydra.
 """
 
+from hq_lightning.dtype import qint8, qint16, qint32
 from hq_lightning.march import March, get_march, set_march
 
-__all__ = ["March", "get_march", "set_march", "__version__"]
+__all__ = ["March", "get_march", "set_march", "qint8", "qint16", "qint32", "__version__"]
 __version__ = "0.1.0"

@@ -21,12 +21,15 @@ _EXPORTS = {
     # fake quant and its states
     "FakeQuantize": "fake_quantize",
     "CalibFakeQuantize": "fake_quantize",
+    "fake_quantize": "fake_quantize",
     "FakeQuantState": "state",
     "set_fake_quantize": "state",
     "QConfig": "qconfig",
     # stubs
     "QuantStub": "stubs",
     "DeQuantStub": "stubs",
+    "is_quant_stub": "stubs",
+    "is_dequant_stub": "stubs",
     # graph passes
     "fuse_fx": "fx.fuse",
     "prepare_qat_fx": "fx.prepare",

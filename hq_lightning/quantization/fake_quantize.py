@@ -1,0 +1,243 @@
+"""Fake quantization: ``FakeQuantize`` modules and the plain ``fake_quantize`` function.
+
+Symmetric, zero point 0::
+
+    y = clamp(round_half_even(x * (1 / scale)), qmin, qmax) * scale
+
+with ``1 / scale`` computed in float32 and a saturating straight-through gradient (``dy/dx = 1``
+where the rounded value lies in ``[qmin, qmax]``, 0 where it was clamped). This is exactly what
+torch's fused aten kernels ``fake_quantize_per_tensor_affine`` / ``fake_quantize_per_channel_affine``
+compute, so float32 inputs take them (one fused pass, with their cached-mask backward); other
+floating dtypes are computed in float32 with plain torch and cast back. ``x * (1 / scale)`` equals
+``x / scale`` except within one ulp of a half-integer tie, and always for power-of-two scales.
+
+Example:
+    >>> import torch
+    >>> fake_quantize(torch.tensor([0.3, 1.0, 9.0]), torch.tensor([0.25]), "qint8")
+    tensor([0.2500, 1.0000, 9.0000])
+    >>> fake_quantize(torch.tensor([100.0]), torch.tensor([0.5]), "qint8")  # saturates at 127
+    tensor([63.5000])
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from hq_lightning.dtype import QuantDType, as_dtype, qinfo
+from hq_lightning.march import get_march, supports_int16
+from hq_lightning.quantization.factory import WithArgsMixin
+from hq_lightning.quantization.observer import (
+    MovingAveragePerTensorMinMaxObserver,
+    normalize_ch_axis,
+)
+
+__all__ = ["FakeQuantize", "CalibFakeQuantize", "fake_quantize"]
+
+
+class _PlainFakeQuantize(torch.autograd.Function):
+    """Reference-equal fallback for inputs the aten kernels do not take (computed in float32)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, qmin, qmax):
+        inv_scale = 1.0 / scale
+        q = torch.round(x.float() * inv_scale)
+        inside = (q >= qmin) & (q <= qmax)
+        ctx.save_for_backward(inside)
+        return (q.clamp(qmin, qmax) * scale).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inside,) = ctx.saved_tensors
+        return grad * inside.to(grad.dtype), None, None, None
+
+
+def fake_quantize(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    dtype: QuantDType | str = "qint8",
+    ch_axis: int | None = None,
+) -> torch.Tensor:
+    """Fake-quantize ``x`` with a symmetric ``scale`` (zero point 0), differentiable (saturating STE).
+
+    Args:
+        x: floating point input.
+        scale: float32 tensor, one element (per tensor) or ``x.shape[ch_axis]`` elements.
+        dtype: quantized dtype giving ``qmin``/``qmax``.
+        ch_axis: channel axis for per-channel ``scale``; ``None`` for per tensor.
+
+    Returns:
+        tensor like ``x``.
+    """
+    info = qinfo(dtype)
+    if not isinstance(scale, torch.Tensor):
+        scale = torch.tensor([float(scale)], device=x.device)
+    scale = scale.to(device=x.device, dtype=torch.float32)
+    if ch_axis is None:
+        if scale.numel() != 1:
+            raise ValueError(
+                f"Expected a one-element `scale` for per-tensor fake quant, but got shape {tuple(scale.shape)}."
+            )
+        if x.dtype == torch.float32:
+            zero_point = torch.zeros(1, dtype=torch.int32, device=x.device)
+            return torch.fake_quantize_per_tensor_affine(
+                x, scale.reshape(1), zero_point, info.min, info.max
+            )
+        return _PlainFakeQuantize.apply(x, scale.reshape(()), info.min, info.max)
+    axis = normalize_ch_axis(ch_axis, x.dim())
+    channels = x.shape[axis]
+    if scale.dim() != 1 or scale.numel() != channels:
+        raise ValueError(
+            f"Expected `scale` of shape [{channels}] for per-channel fake quant along ch_axis={ch_axis} "
+            f"of an input of shape {tuple(x.shape)}, but got shape {tuple(scale.shape)}."
+        )
+    if x.dtype == torch.float32:
+        zero_point = torch.zeros(channels, dtype=torch.int32, device=x.device)
+        return torch.fake_quantize_per_channel_affine(x, scale, zero_point, axis, info.min, info.max)
+    shape = [1] * x.dim()
+    shape[axis] = channels
+    return _PlainFakeQuantize.apply(x, scale.view(shape), info.min, info.max)
+
+
+class FakeQuantize(WithArgsMixin, nn.Module):
+    """Observe a tensor's range and fake-quantize it.
+
+    The observer updates only when ``observer_enabled and self.training``, so ``model.eval()``
+    freezes every scale; after each update the ``scale`` buffer is recomputed from the observer
+    with the march captured at construction. States are usually switched with
+    :func:`hq_lightning.quantization.set_fake_quantize`.
+
+    Args:
+        observer: observer class (or factory) building ``activation_post_process``.
+        dtype: ``"qint8"`` or ``"qint16"`` (int16 needs BAYES or newer).
+        ch_axis: channel axis for a per-channel observer (weights: 0, ConvTranspose weights: 1).
+            Ignored with a per-tensor observer, as in the plugin; then ``self.ch_axis`` is ``None``.
+        averaging_constant: passed to the observer when given.
+        **observer_kwargs: more observer arguments (e.g. ``percentile=99.99``).
+
+    Attributes:
+        scale: buffer, shape ``[1]`` per tensor; ``[C]`` per channel (``[0]`` before data).
+        zero_point: int32 zeros of the same shape.
+        march: the march read from ``get_march()`` at construction.
+
+    Example:
+        >>> import torch
+        >>> from hq_lightning.quantization import MovingAveragePerChannelMinMaxObserver
+        >>> fq = FakeQuantize(observer=MovingAveragePerChannelMinMaxObserver, ch_axis=0,
+        ...                   averaging_constant=1)
+        >>> y = fq(torch.tensor([[1.0, -2.0], [0.5, 0.25]]))
+        >>> fq.scale
+        tensor([0.0157, 0.0039])
+    """
+
+    def __init__(
+        self,
+        observer: Any = MovingAveragePerTensorMinMaxObserver,
+        dtype: QuantDType | str = "qint8",
+        ch_axis: int | None = None,
+        averaging_constant: float | None = None,
+        **observer_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        self.dtype = as_dtype(dtype)
+        self.march = get_march()
+        if self.dtype is QuantDType.qint32:
+            raise ValueError(
+                "Expected `dtype` of a FakeQuantize to be 'qint8' or 'qint16', but got 'qint32' "
+                "(int32 outputs are expressed with QConfig(activation=None))."
+            )
+        if self.dtype is QuantDType.qint16 and not supports_int16(self.march):
+            raise ValueError(
+                f"Expected march to support qint16 (BAYES, BAYES_E, NASH), but got march "
+                f"{self.march.value!r}: use dtype='qint8' or set_march() a newer march before prepare."
+            )
+        kwargs = dict(observer_kwargs)
+        if averaging_constant is not None:
+            kwargs["averaging_constant"] = averaging_constant
+        per_channel = bool(getattr(getattr(observer, "cls", observer), "per_channel", False))
+        if per_channel:
+            if ch_axis is None:
+                ch_axis = 0
+            if not isinstance(ch_axis, int) or isinstance(ch_axis, bool):
+                raise ValueError(f"Expected `ch_axis` to be an int, but got {ch_axis!r}.")
+            kwargs["ch_axis"] = ch_axis
+        self.ch_axis = ch_axis if per_channel else None
+        self.activation_post_process = observer(dtype=self.dtype, **kwargs)
+        initial = torch.empty(0) if per_channel else torch.ones(1)
+        self.register_buffer("scale", initial)
+        self.register_buffer("zero_point", torch.zeros(initial.shape, dtype=torch.int32))
+        self.fake_quant_enabled = True
+        self.observer_enabled = True
+
+    # torch-style switches
+    def enable_fake_quant(self, enabled: bool = True) -> FakeQuantize:
+        self.fake_quant_enabled = bool(enabled)
+        return self
+
+    def disable_fake_quant(self) -> FakeQuantize:
+        return self.enable_fake_quant(False)
+
+    def enable_observer(self, enabled: bool = True) -> FakeQuantize:
+        self.observer_enabled = bool(enabled)
+        return self
+
+    def disable_observer(self) -> FakeQuantize:
+        return self.enable_observer(False)
+
+    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scale, zero_point)`` from the observer with this module's march."""
+        return self.activation_post_process.calculate_qparams(self.march)
+
+    def _update_scale(self) -> None:
+        scale, zero_point = self.calculate_qparams()
+        if scale.shape != self.scale.shape:
+            self._buffers["scale"] = torch.empty_like(scale)
+            self._buffers["zero_point"] = torch.empty_like(zero_point)
+        self.scale.copy_(scale)
+        self.zero_point.copy_(zero_point)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observer_enabled and self.training:
+            self.activation_post_process(x.detach())
+            if self.activation_post_process.initialized:
+                self._update_scale()
+        if self.fake_quant_enabled:
+            if self.scale.numel() == 0:
+                raise RuntimeError(
+                    "Expected this per-channel FakeQuantize to have a scale, but it has observed no "
+                    "data yet: run a forward in train mode with the observer enabled (QAT or "
+                    "CALIBRATION state) or load a state_dict before enabling fake quant."
+                )
+            x = fake_quantize(x, self.scale, self.dtype, self.ch_axis)
+        return x
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        # per-channel scale starts as shape [0]; take the checkpoint's channel count
+        for name in ("scale", "zero_point"):
+            key = prefix + name
+            current = self._buffers[name]
+            if key in state_dict and state_dict[key].shape != current.shape:
+                self._buffers[name] = torch.empty(
+                    state_dict[key].shape, dtype=current.dtype, device=current.device
+                )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"dtype={self.dtype.value}, ch_axis={self.ch_axis}, march={self.march.value}, "
+            f"fake_quant_enabled={self.fake_quant_enabled}, observer_enabled={self.observer_enabled}"
+        )
+
+
+class CalibFakeQuantize(FakeQuantize):
+    """A :class:`FakeQuantize` built by a calibration qconfig (``QConfig.kind == "calibration"``).
+
+    Behaves like its parent; the class only marks calibration so a calibration qconfig is never
+    mixed with a QAT one in a prepared model.
+    """

@@ -1,0 +1,609 @@
+"""Observers: modules that watch tensors and decide the quantization range ``amax``.
+
+Every observer is an ``nn.Module`` whose ``forward(x)`` updates its statistics and returns ``x``
+unchanged. ``calculate_amax()`` gives the symmetric range and ``calculate_qparams(march)`` the
+``(scale, zero_point)`` from the shared formula in :mod:`hq_lightning.quantization.qparams`.
+
+Two families:
+
+* min/max with a moving average (QAT and fast calibration): ``MinMaxObserver``,
+  ``MovingAveragePerTensorMinMaxObserver``, ``MovingAveragePerChannelMinMaxObserver``,
+  ``ClipObserver``; plus ``FixedScaleObserver``.
+* histogram of ``|x|`` (calibration): ``PercentileObserver``, ``MSEObserver``, ``KLObserver``,
+  ``MixObserver``.
+
+Moving average: the first batch initialises ``min_val``/``max_val``; afterwards
+``v <- v + c * (current - v)``. ``averaging_constant`` ``c = 0`` freezes the range after the first
+batch, ``c = 1`` uses the current batch only.
+
+Histogram range: the first batch sets the range to its ``amax``; a later batch that exceeds it
+doubles the range as often as needed and merges bins pairwise, which re-bins the old counts
+exactly (at the cost of at most half the resolution).
+
+Under ``torch.distributed`` the current batch's statistics are reduced over ranks before the
+update (see :mod:`hq_lightning.quantization.sync`), so all ranks hold identical scales.
+
+Example:
+    >>> import torch
+    >>> obs = MovingAveragePerTensorMinMaxObserver(averaging_constant=0.5)
+    >>> _ = obs(torch.tensor([-1.0, 2.0]))
+    >>> _ = obs(torch.tensor([-3.0, 4.0]))
+    >>> obs.min_val, obs.max_val
+    (tensor([-2.]), tensor([3.]))
+    >>> obs.calculate_amax()
+    tensor([3.])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from hq_lightning.dtype import QuantDType, as_dtype, qinfo
+from hq_lightning.march import March, get_march, uses_power_of_two_scales
+from hq_lightning.quantization.factory import WithArgsMixin
+from hq_lightning.quantization.qparams import compute_scale, snap_power_of_two
+from hq_lightning.quantization.sync import check_sync_mode, reduce_max, reduce_min_max, reduce_sum
+
+__all__ = [
+    "ObserverBase",
+    "MinMaxObserver",
+    "MovingAveragePerTensorMinMaxObserver",
+    "MovingAveragePerChannelMinMaxObserver",
+    "ClipObserver",
+    "FixedScaleObserver",
+    "PercentileObserver",
+    "MSEObserver",
+    "KLObserver",
+    "MixObserver",
+    "check_finite",
+    "normalize_ch_axis",
+]
+
+
+def normalize_ch_axis(ch_axis: int, ndim: int) -> int:
+    """Return ``ch_axis`` as a non-negative axis of an ``ndim``-d tensor, or raise."""
+    if not isinstance(ch_axis, int) or isinstance(ch_axis, bool) or not -ndim <= ch_axis < ndim:
+        raise ValueError(
+            f"Expected `ch_axis` to be an int in [{-ndim}, {ndim}) for a {ndim}-d input, "
+            f"but got {ch_axis!r}."
+        )
+    return ch_axis % ndim
+
+
+def check_finite(min_val: torch.Tensor, max_val: torch.Tensor, where: str) -> None:
+    """Raise if a batch's min/max contain NaN or +-inf (NaN propagates through min/max)."""
+    if bool(torch.isfinite(min_val).all() & torch.isfinite(max_val).all()):
+        return
+    what = "NaN" if bool(torch.isnan(min_val).any() | torch.isnan(max_val).any()) else "+-inf"
+    raise ValueError(
+        f"Expected the input of {where} to be finite, but got a tensor containing {what}. "
+        "Quantization ranges cannot be computed from non-finite values: fix the model or data "
+        "producing them (e.g. check the loss scale, a division by zero or a log of 0)."
+    )
+
+
+def _check_floating(x: torch.Tensor, where: str) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"Expected the input of {where} to be a floating point tensor, but got {got}.")
+
+
+class ObserverBase(WithArgsMixin, nn.Module):
+    """Base class: dtype, sync mode and the ``calculate_qparams`` built on ``calculate_amax``.
+
+    Args:
+        dtype: quantized dtype the range is for (matters to MSE/KL/Mix searches).
+        sync: distributed reduction mode, ``"minmax"``, ``"mean"`` or ``"none"``
+            (see :mod:`hq_lightning.quantization.sync`).
+    """
+
+    #: True for observers that keep one range per channel along ``ch_axis``.
+    per_channel: bool = False
+    #: buffers whose shape depends on the data; resized when loading a state_dict.
+    _resizable_buffers: tuple[str, ...] = ()
+
+    def __init__(self, dtype: QuantDType | str = "qint8", sync: str = "minmax") -> None:
+        super().__init__()
+        self.dtype = as_dtype(dtype)
+        self.sync = check_sync_mode(sync)
+
+    @property
+    def initialized(self) -> bool:
+        """Whether the observer has seen data (or loaded statistics)."""
+        raise NotImplementedError
+
+    def calculate_amax(self) -> torch.Tensor:
+        """Symmetric range ``amax`` (shape ``[1]`` per tensor, ``[C]`` per channel)."""
+        raise NotImplementedError
+
+    def calculate_qparams(
+        self, march: March | str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scale, zero_point)`` for ``march`` (``None``: the global march); zero point is 0."""
+        scale = compute_scale(self.calculate_amax(), self.dtype, march)
+        return scale, torch.zeros_like(scale, dtype=torch.int32)
+
+    def _require_data(self) -> None:
+        if not self.initialized:
+            raise RuntimeError(
+                f"Expected {type(self).__name__} to have observed data before its range is read, "
+                "but it has seen none: run forward in train mode with the observer enabled, or "
+                "load a state_dict with its statistics."
+            )
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        # Data-dependent buffers start empty (shape [0]); take the checkpoint's shape so a fresh
+        # observer loads any number of channels under strict loading (QAT resume).
+        for name in self._resizable_buffers:
+            key = prefix + name
+            current = self._buffers.get(name)
+            if key in state_dict and current is not None and state_dict[key].shape != current.shape:
+                self._buffers[name] = torch.empty(
+                    state_dict[key].shape, dtype=current.dtype, device=current.device
+                )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+
+class _MovingAverageMinMax(ObserverBase):
+    """Shared moving-average min/max logic (per tensor unless ``per_channel``)."""
+
+    _resizable_buffers = ("min_val", "max_val")
+
+    def __init__(
+        self,
+        averaging_constant: float = 0.01,
+        dtype: QuantDType | str = "qint8",
+        sync: str = "minmax",
+    ) -> None:
+        super().__init__(dtype=dtype, sync=sync)
+        if not isinstance(averaging_constant, (int, float)) or not 0.0 <= averaging_constant <= 1.0:
+            raise ValueError(
+                f"Expected `averaging_constant` to be a number in [0, 1], but got {averaging_constant!r}."
+            )
+        self.averaging_constant = float(averaging_constant)
+        self.register_buffer("min_val", torch.empty(0))
+        self.register_buffer("max_val", torch.empty(0))
+
+    @property
+    def initialized(self) -> bool:
+        return self.min_val.numel() > 0
+
+    def _batch_min_max(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mn, mx = torch.aminmax(x.detach().float())
+        return mn.reshape(1), mx.reshape(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_floating(x, type(self).__name__)
+        if x.numel() == 0:
+            return x
+        cur_min, cur_max = self._batch_min_max(x)
+        check_finite(cur_min, cur_max, type(self).__name__)
+        cur_min, cur_max = reduce_min_max(cur_min, cur_max, self.sync)
+        cur_min, cur_max = self._clip(cur_min, cur_max)
+        if not self.initialized:
+            self._buffers["min_val"] = cur_min.clone()
+            self._buffers["max_val"] = cur_max.clone()
+        else:
+            if cur_min.shape != self.min_val.shape:
+                raise ValueError(
+                    f"Expected an input with {self.min_val.numel()} channels along "
+                    f"ch_axis={getattr(self, 'ch_axis', None)} as in earlier batches, "
+                    f"but got {cur_min.numel()}."
+                )
+            c = self.averaging_constant
+            self.min_val.add_(c * (cur_min - self.min_val))
+            self.max_val.add_(c * (cur_max - self.max_val))
+        return x
+
+    def _clip(self, cur_min, cur_max):
+        return cur_min, cur_max
+
+    def calculate_amax(self) -> torch.Tensor:
+        self._require_data()
+        return torch.maximum(-self.min_val, self.max_val).clamp_min(0.0)
+
+    def extra_repr(self) -> str:
+        return f"averaging_constant={self.averaging_constant}, dtype={self.dtype.value}"
+
+
+class MinMaxObserver(_MovingAverageMinMax):
+    """Per-tensor min/max with a moving average (``averaging_constant`` 0.01 by default).
+
+    Args:
+        averaging_constant: ``c`` in ``v <- v + c * (current - v)``; 0 freezes, 1 = current batch.
+        dtype: quantized dtype.
+        sync: distributed reduction mode.
+
+    Example:
+        >>> import torch
+        >>> obs = MinMaxObserver(averaging_constant=1.0)
+        >>> _ = obs(torch.tensor([-0.5, 2.0]))
+        >>> obs.calculate_qparams("bayes")[0]
+        tensor([0.0157])
+    """
+
+
+class MovingAveragePerTensorMinMaxObserver(MinMaxObserver):
+    """Per-tensor moving-average min/max observer (the plugin's name for :class:`MinMaxObserver`).
+
+    Example:
+        >>> import torch
+        >>> obs = MovingAveragePerTensorMinMaxObserver(averaging_constant=0.0)
+        >>> _ = obs(torch.tensor([1.0])); _ = obs(torch.tensor([5.0]))
+        >>> obs.calculate_amax()  # c = 0 keeps the first batch
+        tensor([1.])
+    """
+
+
+class MovingAveragePerChannelMinMaxObserver(_MovingAverageMinMax):
+    """Per-channel moving-average min/max along ``ch_axis`` (weights: ``ch_axis=0``).
+
+    ``min_val``/``max_val`` have shape ``[0]`` until the first batch, then ``[C]``.
+
+    Args:
+        ch_axis: channel axis (negative counts from the end).
+        averaging_constant: moving-average constant; weights usually use 1.
+        dtype: quantized dtype.
+        sync: distributed reduction mode.
+
+    Example:
+        >>> import torch
+        >>> obs = MovingAveragePerChannelMinMaxObserver(ch_axis=0, averaging_constant=1.0)
+        >>> _ = obs(torch.tensor([[1.0, -2.0], [0.5, 0.25]]))
+        >>> obs.calculate_amax()
+        tensor([2.0000, 0.5000])
+    """
+
+    per_channel = True
+
+    def __init__(
+        self,
+        ch_axis: int = 0,
+        averaging_constant: float = 0.01,
+        dtype: QuantDType | str = "qint8",
+        sync: str = "minmax",
+    ) -> None:
+        super().__init__(averaging_constant=averaging_constant, dtype=dtype, sync=sync)
+        if not isinstance(ch_axis, int) or isinstance(ch_axis, bool):
+            raise ValueError(f"Expected `ch_axis` to be an int, but got {ch_axis!r}.")
+        self.ch_axis = ch_axis
+
+    def _batch_min_max(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        axis = normalize_ch_axis(self.ch_axis, x.dim())
+        flat = x.detach().float().movedim(axis, 0).reshape(x.shape[axis], -1)
+        if flat.shape[1] == 0:
+            raise ValueError(f"Expected a non-empty input per channel, but got shape {tuple(x.shape)}.")
+        mn, mx = torch.aminmax(flat, dim=1)
+        return mn, mx
+
+    def extra_repr(self) -> str:
+        return f"ch_axis={self.ch_axis}, " + super().extra_repr()
+
+
+class ClipObserver(_MovingAverageMinMax):
+    """Moving-average min/max whose batch statistics are clipped into ``[xmin, xmax]``.
+
+    Use it when the meaningful range of a tensor is known (e.g. a sigmoid output) but outliers
+    should never widen it.
+
+    Example:
+        >>> import torch
+        >>> obs = ClipObserver(xmin=-1.0, xmax=1.0, averaging_constant=1.0)
+        >>> _ = obs(torch.tensor([-5.0, 0.5]))
+        >>> obs.min_val, obs.max_val
+        (tensor([-1.]), tensor([0.5000]))
+    """
+
+    def __init__(
+        self,
+        xmin: float = -1.0,
+        xmax: float = 1.0,
+        averaging_constant: float = 0.01,
+        dtype: QuantDType | str = "qint8",
+        sync: str = "minmax",
+    ) -> None:
+        super().__init__(averaging_constant=averaging_constant, dtype=dtype, sync=sync)
+        if not (math.isfinite(xmin) and math.isfinite(xmax) and xmin <= xmax):
+            raise ValueError(
+                f"Expected finite `xmin` <= `xmax`, but got xmin={xmin!r}, xmax={xmax!r}."
+            )
+        self.xmin, self.xmax = float(xmin), float(xmax)
+
+    def _clip(self, cur_min, cur_max):
+        return cur_min.clamp(self.xmin, self.xmax), cur_max.clamp(self.xmin, self.xmax)
+
+    def extra_repr(self) -> str:
+        return f"xmin={self.xmin}, xmax={self.xmax}, " + super().extra_repr()
+
+
+class FixedScaleObserver(ObserverBase):
+    """Always reports the given ``scale`` (snapped to a power of two on BERNOULLI).
+
+    Example:
+        >>> import torch
+        >>> obs = FixedScaleObserver(scale=1 / 128)
+        >>> obs.calculate_qparams("bayes")[0]
+        tensor([0.0078])
+    """
+
+    def __init__(self, scale: float, dtype: QuantDType | str = "qint8", sync: str = "minmax") -> None:
+        super().__init__(dtype=dtype, sync=sync)
+        if not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"Expected `scale` to be a finite number > 0, but got {scale!r}.")
+        self.register_buffer("scale", torch.tensor([float(scale)]), persistent=False)
+
+    @property
+    def initialized(self) -> bool:
+        return True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def calculate_amax(self) -> torch.Tensor:
+        info = qinfo(self.dtype)
+        return self.scale * ((info.max - info.min) / 2.0)
+
+    def calculate_qparams(self, march=None):
+        scale = self.scale.clone()
+        if uses_power_of_two_scales(get_march() if march is None else march):
+            scale = snap_power_of_two(scale)
+        return scale, torch.zeros_like(scale, dtype=torch.int32)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale.item()}, dtype={self.dtype.value}"
+
+
+class _HistogramObserver(ObserverBase):
+    """Histogram of ``|x|`` over ``[0, hist_range]`` with ``bins`` integer counts.
+
+    Values land in bin ``min(floor(|x| / width), bins - 1)`` with ``width = hist_range / bins``.
+    """
+
+    def __init__(self, bins: int = 2048, dtype: QuantDType | str = "qint8", sync: str = "minmax") -> None:
+        super().__init__(dtype=dtype, sync=sync)
+        if not isinstance(bins, int) or bins < 8:
+            raise ValueError(f"Expected `bins` to be an int >= 8, but got {bins!r}.")
+        self.bins = bins
+        self.register_buffer("histogram", torch.zeros(bins, dtype=torch.int64))
+        self.register_buffer("hist_range", torch.zeros(1))
+
+    @property
+    def initialized(self) -> bool:
+        return int(self.histogram.sum()) > 0
+
+    def _grow(self, new_range: torch.Tensor) -> None:
+        old = float(self.hist_range)
+        new = float(new_range)
+        if new <= old:
+            return
+        if old == 0.0:  # nothing but zeros so far: they stay in bin 0
+            self.hist_range.fill_(new)
+            return
+        factor = 1
+        while old * factor < new:
+            factor *= 2
+        merged_bins = -(-self.bins // factor)
+        padded = torch.zeros(merged_bins * factor, dtype=torch.int64, device=self.histogram.device)
+        padded[: self.bins] = self.histogram
+        grown = torch.zeros_like(self.histogram)
+        grown[:merged_bins] = padded.view(merged_bins, factor).sum(dim=1)
+        self.histogram.copy_(grown)
+        self.hist_range.fill_(old * factor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_floating(x, type(self).__name__)
+        if x.numel() == 0:
+            return x
+        ax = x.detach().float().abs().flatten()
+        batch_amax = ax.max().reshape(1)
+        check_finite(batch_amax, batch_amax, type(self).__name__)
+        batch_amax = reduce_max(batch_amax, self.sync)
+        self._grow(batch_amax)
+        rng = float(self.hist_range)
+        if rng == 0.0:
+            idx = torch.zeros_like(ax, dtype=torch.int64)
+        else:
+            idx = torch.floor(ax * (self.bins / rng)).long().clamp_(0, self.bins - 1)
+        batch_hist = torch.bincount(idx, minlength=self.bins)
+        self.histogram.add_(reduce_sum(batch_hist, self.sync))
+        return x
+
+    # helpers on the histogram
+    def _width(self) -> float:
+        return float(self.hist_range) / self.bins
+
+    def _percentile_amax(self, percentile: float) -> float:
+        counts = self.histogram.double()
+        cumulative = torch.cumsum(counts, 0)
+        target = cumulative[-1] * (percentile / 100.0)
+        index = int(torch.searchsorted(cumulative, target).clamp(max=self.bins - 1))
+        return (index + 1) * self._width()
+
+    def _quantization_errors(self, amaxes: torch.Tensor) -> torch.Tensor:
+        """Sum of squared fake-quant errors of the histogram (bin centres) for each candidate."""
+        width = self._width()
+        centres = (torch.arange(self.bins, dtype=torch.float64) + 0.5) * width
+        counts = self.histogram.double().cpu()
+        info = qinfo(self.dtype)
+        half = (info.max - info.min) / 2.0
+        errors = []
+        for chunk in amaxes.double().cpu().split(256):
+            scale = (chunk / half).clamp_min(torch.finfo(torch.float32).eps).unsqueeze(1)
+            q = torch.clamp(torch.round(centres / scale), info.min, info.max) * scale
+            errors.append(((centres - q) ** 2 * counts).sum(dim=1))
+        return torch.cat(errors)
+
+    def _result(self, amax: float) -> torch.Tensor:
+        return torch.tensor([amax], dtype=torch.float32, device=self.hist_range.device)
+
+    def extra_repr(self) -> str:
+        return f"bins={self.bins}, dtype={self.dtype.value}"
+
+
+class PercentileObserver(_HistogramObserver):
+    """``amax`` = upper edge of the histogram bin where ``percentile`` % of ``|x|`` is reached.
+
+    Example:
+        >>> import torch
+        >>> obs = PercentileObserver(percentile=50.0, bins=8)
+        >>> _ = obs(torch.arange(1.0, 9.0))   # range 8, bin width 1
+        >>> obs.calculate_amax()              # the 4th value, 4.0, sits in bin [4, 5)
+        tensor([5.])
+    """
+
+    def __init__(
+        self,
+        percentile: float = 99.99,
+        bins: int = 2048,
+        dtype: QuantDType | str = "qint8",
+        sync: str = "minmax",
+    ) -> None:
+        super().__init__(bins=bins, dtype=dtype, sync=sync)
+        if not 0.0 < percentile <= 100.0:
+            raise ValueError(f"Expected `percentile` to be in (0, 100], but got {percentile!r}.")
+        self.percentile = float(percentile)
+
+    def calculate_amax(self) -> torch.Tensor:
+        self._require_data()
+        return self._result(self._percentile_amax(self.percentile))
+
+    def extra_repr(self) -> str:
+        return f"percentile={self.percentile}, " + super().extra_repr()
+
+
+class MSEObserver(_HistogramObserver):
+    """``amax`` minimising the squared fake-quant error over the histogram.
+
+    Candidates are the upper bin edges ``k * width`` for ``k = stride, 2 * stride, ..., bins``; the
+    error of a candidate treats each bin's count as sitting at the bin centre.
+
+    Example:
+        >>> import torch
+        >>> obs = MSEObserver(bins=64)
+        >>> _ = obs(torch.linspace(-1, 1, 1001))
+        >>> float(obs.calculate_amax()) > 0.9
+        True
+    """
+
+    def __init__(
+        self, bins: int = 2048, stride: int = 1, dtype: QuantDType | str = "qint8", sync: str = "minmax"
+    ) -> None:
+        super().__init__(bins=bins, dtype=dtype, sync=sync)
+        if not isinstance(stride, int) or stride < 1:
+            raise ValueError(f"Expected `stride` to be an int >= 1, but got {stride!r}.")
+        self.stride = stride
+
+    def calculate_amax(self) -> torch.Tensor:
+        self._require_data()
+        if float(self.hist_range) == 0.0:
+            return self._result(0.0)
+        edges = torch.arange(self.bins, 0, -self.stride, dtype=torch.float64).flip(0) * self._width()
+        errors = self._quantization_errors(edges)
+        # ties (flat error) resolve to the widest candidate: clipping less is the safer choice
+        best = int(len(errors) - 1 - torch.argmin(errors.flip(0)))
+        return self._result(float(edges[best]))
+
+
+class KLObserver(_HistogramObserver):
+    """``amax`` minimising KL(P || Q) between the clipped histogram and its quantized version.
+
+    TensorRT-style entropy calibration: for each threshold bin ``i`` (``i >= levels``, the number
+    of positive quantization levels ``qmax + 1``), P is the first ``i`` bins with the outliers
+    added to the last one, Q spreads each of ``levels`` merged groups evenly over its non-empty
+    bins. With int16 (32768 levels) there are more levels than bins, so the full range is kept.
+
+    Example:
+        >>> import torch
+        >>> g = torch.Generator().manual_seed(0)
+        >>> obs = KLObserver(bins=512)
+        >>> _ = obs(torch.randn(20000, generator=g))
+        >>> 1.0 < float(obs.calculate_amax()) < float(obs.hist_range)
+        True
+    """
+
+    def __init__(
+        self, bins: int = 2048, stride: int = 1, dtype: QuantDType | str = "qint8", sync: str = "minmax"
+    ) -> None:
+        super().__init__(bins=bins, dtype=dtype, sync=sync)
+        if not isinstance(stride, int) or stride < 1:
+            raise ValueError(f"Expected `stride` to be an int >= 1, but got {stride!r}.")
+        self.stride = stride
+
+    def calculate_amax(self) -> torch.Tensor:
+        self._require_data()
+        levels = qinfo(self.dtype).max + 1
+        hist = self.histogram.double().cpu()
+        if levels >= self.bins or float(self.hist_range) == 0.0:
+            return self._result(float(self.hist_range))
+        best_i, best_kl = self.bins, math.inf
+        for i in range(levels, self.bins + 1, self.stride):
+            kl = _kl_of_threshold(hist, i, levels)
+            if kl < best_kl:
+                best_i, best_kl = i, kl
+        return self._result(best_i * self._width())
+
+    def extra_repr(self) -> str:
+        return f"stride={self.stride}, " + super().extra_repr()
+
+
+def _kl_of_threshold(hist: torch.Tensor, i: int, levels: int) -> float:
+    sliced = hist[:i]
+    p = sliced.clone()
+    p[i - 1] += hist[i:].sum()
+    group = torch.div(torch.arange(i) * levels, i, rounding_mode="floor")
+    nonzero = (sliced > 0).double()
+    totals = torch.zeros(levels, dtype=torch.float64).index_add_(0, group, sliced)
+    counts = torch.zeros(levels, dtype=torch.float64).index_add_(0, group, nonzero)
+    q = torch.where(sliced > 0, totals[group] / counts[group].clamp_min(1.0), torch.zeros_like(sliced))
+    p_sum, q_sum = p.sum(), q.sum()
+    if p_sum == 0 or q_sum == 0:
+        return math.inf
+    p, q = p / p_sum, q / q_sum
+    support = p > 0
+    if bool((q[support] == 0).any()):
+        return math.inf
+    return float((p[support] * torch.log(p[support] / q[support])).sum())
+
+
+class MixObserver(_HistogramObserver):
+    """Best of several percentiles, judged by the squared fake-quant error over the histogram.
+
+    Example:
+        >>> import torch
+        >>> obs = MixObserver(percentiles=(99.0, 100.0), bins=64)
+        >>> _ = obs(torch.linspace(0, 1, 101))
+        >>> obs.calculate_amax()
+        tensor([1.])
+    """
+
+    def __init__(
+        self,
+        percentiles: Sequence[float] = (99.9, 99.99, 99.999, 99.9999, 100.0),
+        bins: int = 2048,
+        dtype: QuantDType | str = "qint8",
+        sync: str = "minmax",
+    ) -> None:
+        super().__init__(bins=bins, dtype=dtype, sync=sync)
+        percentiles = tuple(float(p) for p in percentiles)
+        if not percentiles or not all(0.0 < p <= 100.0 for p in percentiles):
+            raise ValueError(
+                f"Expected `percentiles` to be a non-empty sequence of numbers in (0, 100], but got {percentiles!r}."
+            )
+        self.percentiles = percentiles
+
+    def calculate_amax(self) -> torch.Tensor:
+        self._require_data()
+        candidates = torch.tensor([self._percentile_amax(p) for p in self.percentiles], dtype=torch.float64)
+        errors = self._quantization_errors(candidates)
+        return self._result(float(candidates[int(torch.argmin(errors))]))
+
+    def extra_repr(self) -> str:
+        return f"percentiles={self.percentiles}, " + super().extra_repr()

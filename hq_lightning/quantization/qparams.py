@@ -1,0 +1,63 @@
+"""The scale formula shared by every observer and fake-quant module.
+
+Quantization is symmetric (zero point 0)::
+
+    scale = max(amax, 0) / ((qmax - qmin) / 2)      floored at float32 eps
+    BERNOULLI only: scale = 2 ** -clamp(floor(-log2(scale)), 1, 14)
+
+So int8 divides by 127.5 and int16 by 32767.5: a value at ``+amax`` rounds to ``qmax + 1`` and
+saturates to ``qmax``. All arithmetic is float32.
+
+Example:
+    >>> import torch
+    >>> compute_scale(torch.tensor([127.5]), "qint8", "bayes")
+    tensor([1.])
+    >>> compute_scale(torch.tensor([1.0]), "qint8", "bernoulli")  # 1/127.5 -> 2**-6
+    tensor([0.0156])
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hq_lightning.dtype import QuantDType, qinfo
+from hq_lightning.march import March, get_march, uses_power_of_two_scales
+
+__all__ = ["SCALE_EPS", "amax_from_min_max", "compute_scale", "snap_power_of_two"]
+
+SCALE_EPS = torch.finfo(torch.float32).eps
+_MIN_SHIFT, _MAX_SHIFT = 1, 14
+
+
+def amax_from_min_max(min_val: torch.Tensor, max_val: torch.Tensor) -> torch.Tensor:
+    """``max(-min, max, 0)`` elementwise, in float32."""
+    return torch.maximum(-min_val.float(), max_val.float()).clamp_min(0.0)
+
+
+def snap_power_of_two(scale: torch.Tensor) -> torch.Tensor:
+    """BERNOULLI scale: ``2 ** -clamp(floor(-log2(scale)), 1, 14)`` (never smaller than ``scale``
+    unless the clamp bites)."""
+    shift = torch.floor(-torch.log2(scale.float())).clamp(_MIN_SHIFT, _MAX_SHIFT)
+    return torch.exp2(-shift)
+
+
+def compute_scale(
+    amax: torch.Tensor, dtype: QuantDType | str, march: March | str | None = None
+) -> torch.Tensor:
+    """Scale of a symmetric quantizer covering ``[-amax, amax]`` with ``dtype`` on ``march``.
+
+    Args:
+        amax: absolute range, any shape (per tensor or per channel); negative values count as 0.
+        dtype: quantized dtype (``"qint8"``, ``"qint16"``...).
+        march: target march; ``None`` reads :func:`hq_lightning.march.get_march`.
+
+    Returns:
+        float32 tensor of the same shape as ``amax``.
+    """
+    info = qinfo(dtype)
+    half_range = (info.max - info.min) / 2.0
+    scale = amax.float().clamp_min(0.0) / half_range
+    scale = scale.clamp_min(SCALE_EPS)
+    if uses_power_of_two_scales(get_march() if march is None else march):
+        scale = snap_power_of_two(scale)
+    return scale
