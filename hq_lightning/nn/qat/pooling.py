@@ -1,0 +1,65 @@
+"""QAT average pools: the float pool followed by an output fake quant (averaging changes the range).
+
+Example:
+    >>> import torch
+    >>> from hq_lightning.quantization.qconfig import default_qat_8bit_fake_quant_qconfig as qc
+    >>> pool = AdaptiveAvgPool2d.from_float(torch.nn.AdaptiveAvgPool2d(1), qc)
+    >>> pool(torch.rand(2, 3, 4, 4)).shape
+    torch.Size([2, 3, 1, 1])
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from hq_lightning.nn.qat.fake_quant_builders import activation_fake_quant
+
+__all__ = ["AdaptiveAvgPool2d", "AvgPool2d"]
+
+
+class AvgPool2d(nn.AvgPool2d):
+    """QAT ``nn.AvgPool2d``: same arguments plus ``qconfig``; output fake quant."""
+
+    def __init__(self, *args: Any, qconfig: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.qconfig = qconfig
+        self.activation_post_process = activation_fake_quant(qconfig)
+
+    @classmethod
+    def from_float(cls, mod: nn.AvgPool2d, qconfig: Any = None) -> AvgPool2d:
+        qat = cls(
+            mod.kernel_size, mod.stride, mod.padding, mod.ceil_mode, mod.count_include_pad,
+            mod.divisor_override, qconfig=qconfig if qconfig is not None else getattr(mod, "qconfig", None),
+        )
+        qat.train(mod.training)
+        return qat
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        if self.activation_post_process is not None:
+            out = self.activation_post_process(out)
+        return out
+
+
+class AdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
+    """QAT ``nn.AdaptiveAvgPool2d``: same arguments plus ``qconfig``; output fake quant."""
+
+    def __init__(self, output_size: Any, qconfig: Any = None) -> None:
+        super().__init__(output_size)
+        self.qconfig = qconfig
+        self.activation_post_process = activation_fake_quant(qconfig)
+
+    @classmethod
+    def from_float(cls, mod: nn.AdaptiveAvgPool2d, qconfig: Any = None) -> AdaptiveAvgPool2d:
+        qat = cls(mod.output_size, qconfig=qconfig if qconfig is not None else getattr(mod, "qconfig", None))
+        qat.train(mod.training)
+        return qat
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        if self.activation_post_process is not None:
+            out = self.activation_post_process(out)
+        return out
