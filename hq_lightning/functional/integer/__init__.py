@@ -1,0 +1,58 @@
+"""Integer kernels of converted models; the arithmetic is defined in ``docs/integer-arithmetic.md``.
+
+Every kernel is exact: integer results equal the slow reference in ``tests/reference`` bit for bit.
+"""
+
+from hq_lightning.functional.integer.accumulate import EXACT_FLOAT32_BOUND, ConvPlan, chunk_channels
+from hq_lightning.functional.integer.interpolate import (
+    BILINEAR_FRACTION_BITS,
+    bilinear_accumulate,
+    bilinear_taps,
+)
+from hq_lightning.functional.integer.multiplier import (
+    MAX_SHIFT,
+    MULTIPLIER_BITS,
+    quantize_multiplier,
+    quantize_multipliers,
+)
+from hq_lightning.functional.integer.pooling import (
+    adaptive_avg_pool_sums,
+    adaptive_windows,
+    avg_pool_sum,
+)
+from hq_lightning.functional.integer.quantize import (
+    channel_view,
+    dequantize,
+    quantize,
+    quantize_bias,
+)
+from hq_lightning.functional.integer.rounding import (
+    requantize,
+    rounding_offset,
+    rounding_right_shift,
+    saturate,
+)
+
+__all__ = [
+    "BILINEAR_FRACTION_BITS",
+    "EXACT_FLOAT32_BOUND",
+    "MAX_SHIFT",
+    "MULTIPLIER_BITS",
+    "ConvPlan",
+    "adaptive_avg_pool_sums",
+    "adaptive_windows",
+    "avg_pool_sum",
+    "bilinear_accumulate",
+    "bilinear_taps",
+    "channel_view",
+    "chunk_channels",
+    "dequantize",
+    "quantize",
+    "quantize_bias",
+    "quantize_multiplier",
+    "quantize_multipliers",
+    "requantize",
+    "rounding_offset",
+    "rounding_right_shift",
+    "saturate",
+]

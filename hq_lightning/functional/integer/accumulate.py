@@ -1,0 +1,187 @@
+"""Exact integer accumulation of convolutions and linear layers on float hardware paths.
+
+Every product of an int8/int16 activation and an int8 weight is an integer, and a float32 sum of
+integers is exact while every partial sum stays within 2^24 in magnitude, whatever the order of
+summation. So the weight's per-group input channels are cut into chunks small enough that
+``chunk_channels * kernel_area * max|x| * max|w| <= 2^24`` and each chunk runs as an ordinary
+float32 convolution; chunk results are summed in float64 (exact below 2^53). int16 activations
+are split into a signed high byte and an unsigned low byte, ``x = 256 * hi + lo``, both run in the
+same float32 call (stacked on the batch axis) and are recombined exactly. On CUDA the whole sum
+runs in float64 with cuDNN disabled (im2col + DGEMM, no Winograd/FFT transforms, no TF32).
+The result is saturated to int32: the accumulator of ``docs/integer-arithmetic.md``, section 4.
+
+Example:
+    >>> import torch
+    >>> w = torch.randint(-127, 128, (4, 3, 3, 3), dtype=torch.int8)
+    >>> x = torch.randint(-128, 128, (1, 3, 5, 5), dtype=torch.int8)
+    >>> plan = ConvPlan.build(w, "conv2d", groups=1, activation_dtype=torch.int8)
+    >>> acc = plan.accumulate(x, bias=None, stride=1, padding=1, dilation=1)
+    >>> bool((acc == torch.conv2d(x.double(), w.double(), padding=1).long()).all())
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["EXACT_FLOAT32_BOUND", "ConvPlan", "chunk_channels"]
+
+#: float32 represents every integer of magnitude <= 2^24.
+EXACT_FLOAT32_BOUND = 2**24
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
+_KINDS = ("conv1d", "conv2d", "conv3d", "conv_transpose2d", "linear")
+
+
+def chunk_channels(kernel_area: int, max_abs_weight: int, max_abs_input: int) -> int:
+    """Input channels per chunk so that a float32 partial sum never exceeds 2^24 (0: none fits)."""
+    per_channel = kernel_area * max(max_abs_weight, 1) * max_abs_input
+    return EXACT_FLOAT32_BOUND // per_channel
+
+
+def _max_abs_input(activation_dtype: torch.dtype) -> int:
+    # int8 values reach |-128|; int16 is split into bytes, the unsigned low byte reaches 255.
+    return 128 if activation_dtype == torch.int8 else 255
+
+
+@dataclass
+class ConvPlan:
+    """Precomputed float32 weight chunks of one integer conv/linear layer.
+
+    Attributes:
+        kind: one of ``conv1d``, ``conv2d``, ``conv3d``, ``conv_transpose2d``, ``linear``.
+        weight: the int8 weight (layout of the float op).
+        groups: conv groups.
+        channels_per_group: input channels per group.
+        bounds: ``(start, stop)`` input-channel ranges within a group, one per chunk.
+        chunks: float32 weight slices, one per chunk; empty means "float64 path only".
+    """
+
+    kind: str
+    weight: Tensor
+    groups: int
+    channels_per_group: int
+    bounds: list[tuple[int, int]]
+    chunks: list[Tensor]
+
+    @classmethod
+    def build(
+        cls, weight: Tensor, kind: str, groups: int, activation_dtype: torch.dtype
+    ) -> ConvPlan:
+        """Cut ``weight`` into exact float32 chunks for activations of ``activation_dtype``."""
+        if kind not in _KINDS:
+            raise ValueError(f"Expected `kind` to be one of {_KINDS}, but got {kind!r}.")
+        transposed = kind == "conv_transpose2d"
+        cpg = weight.shape[0] // groups if transposed else weight.shape[1]
+        kernel_area = math.prod(weight.shape[2:]) if weight.dim() > 2 else 1
+        max_w = int(weight.to(torch.int32).abs().max()) if weight.numel() else 1
+        per_chunk = chunk_channels(kernel_area, max_w, _max_abs_input(activation_dtype))
+        bounds: list[tuple[int, int]] = []
+        chunks: list[Tensor] = []
+        if per_chunk >= 1:
+            for start in range(0, cpg, per_chunk):
+                stop = min(start + per_chunk, cpg)
+                bounds.append((start, stop))
+                chunks.append(cls._slice_weight(weight, start, stop, groups, cpg, transposed))
+        return cls(kind, weight, groups, cpg, bounds, chunks)
+
+    @staticmethod
+    def _slice_weight(
+        weight: Tensor, start: int, stop: int, groups: int, cpg: int, transposed: bool
+    ) -> Tensor:
+        w = weight.to(torch.float32)
+        if not transposed:
+            return w[:, start:stop].contiguous()
+        grouped = w.reshape(groups, cpg, *w.shape[1:])[:, start:stop]
+        return grouped.reshape(groups * (stop - start), *w.shape[1:]).contiguous()
+
+    def _slice_input(self, x: Tensor, start: int, stop: int) -> Tensor:
+        if len(self.bounds) == 1:
+            return x
+        if self.kind == "linear":
+            return x[..., start:stop]
+        if self.groups == 1:
+            return x[:, start:stop]
+        n, _, *spatial = x.shape
+        grouped = x.reshape(n, self.groups, self.channels_per_group, *spatial)[:, :, start:stop]
+        return grouped.reshape(n, self.groups * (stop - start), *spatial)
+
+    def _run(self, x: Tensor, weight: Tensor, stride, padding, dilation, output_padding) -> Tensor:
+        if self.kind == "linear":
+            return F.linear(x, weight)
+        if self.kind == "conv_transpose2d":
+            return F.conv_transpose2d(
+                x, weight, None, stride, padding, output_padding, self.groups, dilation
+            )
+        op = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}[self.kind]
+        return op(x, weight, None, stride, padding, dilation, self.groups)
+
+    def _sum_float64(
+        self, x: Tensor, weight: Tensor, stride, padding, dilation, output_padding
+    ) -> Tensor:
+        # float64 holds every int32-range sum exactly; cuDNN off keeps to im2col + DGEMM.
+        with torch.backends.cudnn.flags(enabled=False):
+            return self._run(
+                x.to(torch.float64),
+                weight.to(device=x.device, dtype=torch.float64),
+                stride,
+                padding,
+                dilation,
+                output_padding,
+            )
+
+    def _sum_float32_chunks(self, x: Tensor, stride, padding, dilation, output_padding) -> Tensor:
+        if x.dtype == torch.int16:
+            wide = x.to(torch.int32)
+            parts = torch.cat([wide >> 8, wide & 255], dim=0).to(torch.float32)
+        else:
+            parts = x.to(torch.float32)
+        total: Tensor | None = None
+        for (start, stop), chunk in zip(self.bounds, self.chunks):
+            partial = self._run(
+                self._slice_input(parts, start, stop),
+                chunk,
+                stride,
+                padding,
+                dilation,
+                output_padding,
+            )
+            if len(self.chunks) > 1 or x.dtype == torch.int16:
+                partial = partial.to(torch.float64)
+            total = partial if total is None else total + partial
+        assert total is not None
+        if x.dtype == torch.int16:
+            high, low = total.chunk(2, dim=0)
+            total = high * 256 + low
+        return total
+
+    def accumulate(
+        self,
+        x: Tensor,
+        bias: Tensor | None,
+        stride=1,
+        padding=0,
+        dilation=1,
+        output_padding=0,
+        weight: Tensor | None = None,
+    ) -> Tensor:
+        """``saturate_int32(sum_k x_k * w_k + bias)`` as an int64 tensor (exact).
+
+        ``weight`` (default: the planned one) is the int8 weight on the input's device; the
+        float32 chunks are used on CPU, the float64 path on CUDA or when no chunk fits.
+        """
+        if x.is_cuda or not self.chunks:
+            weight = self.weight if weight is None else weight
+            total = self._sum_float64(x, weight, stride, padding, dilation, output_padding)
+        else:
+            total = self._sum_float32_chunks(x, stride, padding, dilation, output_padding)
+        acc = total.to(torch.int64)
+        if bias is not None:
+            shape = [1] * acc.dim()
+            shape[-1 if self.kind == "linear" else 1] = -1
+            acc = acc + bias.to(torch.int64).reshape(shape)
+        return acc.clamp(_INT32_MIN, _INT32_MAX)

@@ -1,0 +1,1 @@
+"""Slow, obviously-correct references used only by tests."""
