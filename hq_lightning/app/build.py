@@ -1,0 +1,123 @@
+"""Turn the composed config into Lightning objects: loggers, callbacks, the epoch schedule and the
+quantization callback.
+
+Example:
+    >>> from omegaconf import OmegaConf
+    >>> from hq_lightning.app.build import max_epochs
+    >>> max_epochs(OmegaConf.create({"float_epochs": 6, "quant": None, "trainer": {}}))
+    6
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from hq_lightning.app.qconfig_builder import QConfigTrees
+from hq_lightning.app.schema import QuantMode
+
+__all__ = [
+    "build_callbacks",
+    "build_loggers",
+    "build_quantization_callback",
+    "check_one_device_per_job",
+    "max_epochs",
+]
+
+log = logging.getLogger(__name__)
+
+_IF_INSTALLED = "_if_installed_"
+
+
+def build_loggers(logger_cfg: DictConfig) -> list[Any] | bool:
+    """Instantiate every logger of the ``logger`` group; those whose ``_if_installed_`` module is
+    missing are skipped. No logger at all gives ``False`` (Lightning's "no logging")."""
+    loggers = []
+    for name, node in (logger_cfg or {}).items():
+        node = OmegaConf.to_container(node, resolve=True)
+        requirement = node.pop(_IF_INSTALLED, None)
+        if requirement is not None and importlib.util.find_spec(requirement) is None:
+            log.info("logger %r skipped: %r is not installed", name, requirement)
+            continue
+        try:
+            loggers.append(instantiate(node))
+        except Exception as err:
+            raise RuntimeError(
+                f"Expected `logger.{name}` to build a Lightning logger, but it failed: {err}. "
+                f"Install what it needs or pick another one, e.g. logger=csv."
+            ) from err
+    return loggers or False
+
+
+def build_callbacks(callbacks_cfg: DictConfig) -> list[Any]:
+    """Instantiate every callback of the ``callbacks`` group (a name -> node mapping)."""
+    return [instantiate(node) for node in (callbacks_cfg or {}).values() if node is not None]
+
+
+def max_epochs(cfg: DictConfig) -> int:
+    """``float_epochs`` plus ``quant.qat_epochs`` in ``qat`` mode.
+
+    Raises:
+        ValueError: if ``trainer.max_epochs`` is set to something else, since the callback's
+            schedule would then disagree with the trainer's.
+    """
+    total = int(cfg.float_epochs)
+    quant = cfg.get("quant")
+    if quant is not None and QuantMode(_mode_value(quant.mode)) is QuantMode.qat:
+        total += int(quant.qat_epochs)
+    requested = cfg.trainer.get("max_epochs")
+    if requested is not None and int(requested) != total:
+        raise ValueError(
+            f"Expected `trainer.max_epochs` to be unset (the app sets it to float_epochs"
+            f"{' + quant.qat_epochs' if quant is not None else ''} = {total}), but got {requested}. "
+            f"Set `float_epochs` and `quant.qat_epochs` instead."
+        )
+    return total
+
+
+def _mode_value(mode: Any) -> str:
+    return mode.value if isinstance(mode, QuantMode) else str(mode)
+
+
+def check_one_device_per_job(trainer_cfg: DictConfig, multirun: bool) -> None:
+    """In a sweep, refuse a DDP strategy that relaunches the script (it would re-run the sweep)."""
+    if not multirun:
+        return
+    strategy = str(trainer_cfg.get("strategy", "auto") or "auto")
+    devices = trainer_cfg.get("devices", 1)
+    relaunches = strategy.startswith("ddp") and "spawn" not in strategy
+    if relaunches or (strategy == "auto" and devices not in (1, "1")):
+        raise ValueError(
+            f"Expected one device per job in a sweep (-m), but got trainer.strategy={strategy!r}, "
+            f"trainer.devices={devices!r}: Lightning's DDP relaunch re-passes the sweep's arguments. "
+            f"Use trainer.devices=1 (or strategy=ddp_spawn)."
+        )
+
+
+def build_quantization_callback(
+    cfg: DictConfig, trees: QConfigTrees, output_dir: str | None
+) -> Any:
+    """The :class:`hq_lightning.callbacks.QuantizationCallback` of ``cfg.quant``."""
+    from hq_lightning.callbacks import QuantizationCallback
+
+    quant = cfg.quant
+    calibration_tree, qat_tree = trees
+    return QuantizationCallback(
+        submodule=quant.submodule,
+        march=cfg.march.name,
+        calibration_qconfig=calibration_tree,
+        qat_qconfig=qat_tree,
+        float_epochs=int(cfg.float_epochs),
+        calibration_batches=int(quant.calibration_batches),
+        calibration_dataloader=quant.calibration_dataloader,
+        freeze_observers_at_epoch=quant.freeze_observers_at_epoch,
+        freeze_bn_at_epoch=quant.freeze_bn_at_epoch,
+        qat_mode=quant.qat_mode,
+        convert_at_end=bool(quant.convert_at_end),
+        output_dir=output_dir,
+        export=tuple(quant.export),
+    )

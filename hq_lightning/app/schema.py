@@ -1,0 +1,174 @@
+"""Structured-config schema of the Hydra app, registered in Hydra's ConfigStore.
+
+The YAML tree in ``conf/`` is merged onto these dataclasses, so a misspelled key anywhere under
+``march`` or ``quant`` (a qconfig, an override, a callback knob) fails at composition with
+Hydra's usual ``Key 'averagin_constant' not in 'FakeQuantizeConf'`` message instead of being
+silently ignored. Groups whose keys belong to third-party classes (``model``, ``data``,
+``trainer``, ``callbacks``, ``logger``) stay free-form: their classes check their own arguments.
+
+Example:
+    >>> from omegaconf import OmegaConf
+    >>> from hq_lightning.app.schema import FakeQuantizeConf
+    >>> node = OmegaConf.structured(FakeQuantizeConf)
+    >>> node.dtype
+    'qint8'
+    >>> try:
+    ...     node.averagin_constant = 0.1
+    ... except Exception as err:
+    ...     print(type(err).__name__)
+    ConfigAttributeError
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+__all__ = [
+    "AppConfig",
+    "FakeQuantizeConf",
+    "MarchConf",
+    "ObserverRefConf",
+    "QConfigConf",
+    "QConfigOverrideConf",
+    "QuantConf",
+    "QuantMode",
+    "register_configs",
+]
+
+# Optional[...] rather than `X | None`: OmegaConf reads these annotations at run time and does
+# not understand PEP 604 unions on Python 3.10.
+# ruff: noqa: UP007, UP045
+
+
+@dataclass
+class MarchConf:
+    """``conf/march/<name>.yaml``: the processor the model is trained for."""
+
+    name: str = MISSING
+    description: str = ""
+
+
+@dataclass
+class ObserverRefConf:
+    """An observer class by import path (``hq_lightning.quantization.MSEObserver``) or short name
+    (``mse``); instantiating the node returns the class itself, not an instance."""
+
+    _target_: str = "hq_lightning.app.qconfig_builder.observer_class"
+    path: str = MISSING
+
+
+@dataclass
+class FakeQuantizeConf:
+    """One fake-quant factory: ``FakeQuantize.with_args(observer=..., dtype=..., ...)``.
+
+    Optional fields left ``null`` are not passed, so the observer's own default applies.
+    """
+
+    _target_: str = "hq_lightning.quantization.FakeQuantize.with_args"
+    observer: ObserverRefConf = MISSING
+    dtype: str = "qint8"
+    ch_axis: Optional[int] = None
+    averaging_constant: Optional[float] = None
+    # observer keyword arguments (only the observers that define them accept them)
+    percentile: Optional[float] = None  # PercentileObserver
+    percentiles: Optional[list[float]] = None  # MixObserver
+    bins: Optional[int] = None  # histogram observers
+    stride: Optional[int] = None  # MSEObserver, KLObserver
+    xmin: Optional[float] = None  # ClipObserver
+    xmax: Optional[float] = None
+    scale: Optional[float] = None  # FixedScaleObserver
+    sync: Optional[str] = None  # how statistics are reduced over DDP ranks
+
+
+@dataclass
+class QConfigConf:
+    """``QConfig(activation=..., weight=...)``; ``activation: null`` means a high-precision
+    (int32) output of a Conv/Linear."""
+
+    _target_: str = "hq_lightning.quantization.QConfig"
+    activation: Optional[FakeQuantizeConf] = None
+    weight: Optional[FakeQuantizeConf] = None
+
+
+@dataclass
+class QConfigOverrideConf:
+    """``quant.overrides.<alias>``: a qconfig for one module name or one module type.
+
+    The alias is any identifier; it exists because Hydra's override grammar reads dots as nesting,
+    so a dotted module name (``backbone.conv1``) cannot be a key on the command line.
+
+    Exactly one of ``module`` (a module name as in ``named_modules()``) or ``type`` (a class by
+    import path, ``torch.nn.Linear``) is set. The qconfigs come from ``preset`` (a name in
+    :data:`hq_lightning.app.qconfig_builder.PRESETS`, e.g. ``int32_out`` or ``float``) and/or the
+    explicit ``calibration`` / ``qat`` nodes, which win over the preset for their phase.
+    """
+
+    module: Optional[str] = None
+    type: Optional[str] = None
+    preset: Optional[str] = None
+    calibration: Optional[QConfigConf] = None
+    qat: Optional[QConfigConf] = None
+
+
+class QuantMode(enum.Enum):
+    """``qat``: float -> calibration -> QAT -> convert; ``calib``: float -> calibration -> convert."""
+
+    qat = "qat"
+    calib = "calib"
+
+
+@dataclass
+class QuantConf:
+    """``conf/quant/<name>.yaml``, selected with ``+quant=<name>``.
+
+    The global qconfigs, the per-module overrides and the knobs of
+    :class:`hq_lightning.callbacks.QuantizationCallback`.
+    """
+
+    mode: QuantMode = QuantMode.qat
+    calibration: QConfigConf = MISSING
+    qat: Optional[QConfigConf] = None
+    # alias -> QConfigOverrideConf. Typed as Any because OmegaConf refuses to assign a plain dict
+    # (what a command-line override is) to a dict of dataclasses; each entry is checked against
+    # QConfigOverrideConf when the qconfig trees are built, before anything runs.
+    overrides: dict[str, Any] = field(default_factory=dict)
+    # the schedule: float_epochs of float training (top-level `float_epochs`), then calibration,
+    # then qat_epochs of QAT; trainer.max_epochs is their sum
+    qat_epochs: int = 2
+    submodule: str = "model"
+    calibration_batches: int = 32
+    calibration_dataloader: str = "train"
+    freeze_observers_at_epoch: Optional[int] = None
+    freeze_bn_at_epoch: Optional[int] = None
+    qat_mode: str = "with_bn"
+    convert_at_end: bool = True
+    export: list[str] = field(default_factory=lambda: ["torchscript"])
+
+
+@dataclass
+class AppConfig:
+    """The root of ``conf/config.yaml``."""
+
+    march: MarchConf = MISSING
+    model: Any = MISSING
+    data: Any = MISSING
+    trainer: Any = MISSING
+    callbacks: dict[str, Any] = field(default_factory=dict)
+    logger: dict[str, Any] = field(default_factory=dict)
+    quant: Optional[QuantConf] = None
+    float_epochs: int = 6
+    seed: int = 0
+    output_dir: str = MISSING
+    print_config: bool = False
+
+
+def register_configs(store: ConfigStore | None = None) -> None:
+    """Register the root schema as ``app_schema``, the first entry of ``conf/config.yaml``'s
+    defaults list; every group merged after it is checked against its field."""
+    store = store or ConfigStore.instance()
+    store.store(name="app_schema", node=AppConfig)

@@ -1,0 +1,115 @@
+"""The Hydra app: ``hq-train`` / ``python train.py``.
+
+``python train.py +quant=qat march=bayes`` trains the default model on digits in float, calibrates,
+runs QAT, converts to the integer model, prints the table float / calibration / QAT / converted
+and leaves the converted model, its exports, logs and ``metrics.json`` in the run directory.
+Without ``+quant`` it trains the float model only. ``-m`` sweeps; the sweep's table lands in
+``summary.md`` of the sweep directory.
+
+The config tree is ``hq_lightning/conf`` (the repository's ``conf/`` is a link to it), checked
+against the schema in :mod:`hq_lightning.app.schema`; see ``docs/app.md``.
+
+This is the only module of the package that imports Hydra (besides ``hq_lightning.app``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from hq_lightning.app.schema import register_configs
+
+__all__ = ["main", "run"]
+
+log = logging.getLogger(__name__)
+
+# hq_lightning/conf, shipped in the wheel. An absolute path: as a module of a package, a relative
+# config_path would be read as the importable package `hq_lightning.conf`.
+CONFIG_PATH = str(Path(__file__).resolve().parent / "conf")
+
+
+def run(cfg: DictConfig, output_dir: str | None = None, multirun: bool = False) -> dict[str, dict]:
+    """Train (and quantize, with ``cfg.quant``) as configured; return the metrics table.
+
+    Args:
+        cfg: the composed config (``conf/config.yaml`` plus overrides).
+        output_dir: where artifacts go; defaults to ``cfg.output_dir``.
+        multirun: whether this is one job of a sweep (then DDP relaunching is refused).
+
+    Returns:
+        phase -> metrics, e.g. ``{"float": {...}, "calibration": {...}, "qat": {...},
+        "converted": {...}}``.
+    """
+    import lightning.pytorch as pl
+    from hydra.utils import instantiate
+
+    from hq_lightning.app.build import (
+        build_callbacks,
+        build_loggers,
+        build_quantization_callback,
+        check_one_device_per_job,
+        max_epochs,
+    )
+    from hq_lightning.app.qconfig_builder import build_qconfig_trees, check_march_supports
+    from hq_lightning.app.report import METRICS_FILE, print_table, write_metrics
+    from hq_lightning.march import as_march, set_march
+
+    output_dir = str(output_dir or cfg.output_dir)
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    if cfg.print_config:
+        print(OmegaConf.to_yaml(cfg))
+
+    # every check that can fail runs before the first training step
+    march = as_march(cfg.march.name)
+    set_march(march)
+    check_one_device_per_job(cfg.trainer, multirun)
+    epochs = max_epochs(cfg)
+    trees = None
+    if cfg.quant is not None:
+        trees = build_qconfig_trees(cfg.quant)
+        check_march_supports(trees, march)
+
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    datamodule = instantiate(cfg.data)
+    module = instantiate(cfg.model)
+    callbacks = build_callbacks(cfg.callbacks)
+    quantization = None
+    if trees is not None:
+        quantization = build_quantization_callback(cfg, trees, output_dir)
+        callbacks.append(quantization)
+    trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg.logger), max_epochs=epochs
+    )
+    trainer.fit(module, datamodule=datamodule)
+
+    if quantization is not None:
+        table = {phase: dict(metrics) for phase, metrics in quantization.metrics_table.items()}
+    else:
+        results = trainer.validate(module, datamodule=datamodule, verbose=False)
+        table = {"float": dict(results[0]) if results else {}}
+    print_table(table, title=f"hq_lightning: march={march.value}, run dir {output_dir}")
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    write_metrics(Path(output_dir) / METRICS_FILE, table, overrides=overrides, march=march.value)
+    return table
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
+def _hydra_main(cfg: DictConfig) -> Any:
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    return run(cfg, multirun=multirun)
+
+
+def main() -> None:
+    """Console entry point (``hq-train``; ``train.py`` calls it)."""
+    register_configs()
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
