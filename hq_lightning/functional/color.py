@@ -12,24 +12,48 @@ Two ways to meet it:
   ``std`` and quantize at the training input scale ``q_scale``, all as one fixed-point 1x1 conv.
 
 Fixed-point weights of the deploy op (see :func:`yuv2rgb_fixed_point_params`): the float map is
-``q_c = sum_j A[c, j] * yuv_j + a_c`` with ``A = M / (std_c * q_scale)`` and
-``a_c = (offset_c - mean_c) / (std_c * q_scale)``, where ``M``/``offset`` are the BT.601 inverse
-(full: ``R = Y + 1.402 V + 128``...; studio: ``R = 1.164 Y + 1.596 V + 112 * 1.164``...). It is
-executed as a per-channel quantized conv: int8 weight ``W[c, j] = round(M[c, j] / s_c)`` with
-``s_c = max_j |M[c, j]| / 127`` (the largest coefficient of each row lands exactly on 127), input
-scale 1, int32 bias ``round((offset_c - mean_c) / std_c / s_c * std_c ...)`` (at scale
-``s_c / std_c``), and an integer requantization from scale ``s_c / std_c`` to ``q_scale``.
+``out_c = (sum_j M[c, j] * yuv_j + offset - mean_c) / std_c``, quantized at ``q_scale``, with
+``M``/``offset`` the BT.601 inverse (full: ``R = Y + 1.402 V + 128``...; studio:
+``R = 1.164 Y + 1.596 V + 112 * 1.164``...). It runs as the integer 1x1 conv of
+``docs/integer-arithmetic.md`` (the kernels of ``hq_lightning.functional.integer``): input scale
+1, int8 weight ``W[c, j] = round(M[c, j] / r_c)`` with ``r_c = max_j |M[c, j]| / 127`` (each row's
+largest coefficient is exactly 127), per-channel weight scale ``r_c / std_c``, int32 bias
+``round((offset - mean_c) / std_c / (r_c / std_c))``, int32 accumulation, then requantization by
+the integer multiplier and shift of ``(r_c / std_c) / q_scale`` with round-half-up and int8
+saturation. Full swing weights (rows R, G, B over Y, U, V): ``[91, 0, 127]``,
+``[127, -44, -91]``, ``[72, 127, 0]``; studio: ``[93, 0, 127]``, ``[127, -43, -89]``,
+``[73, 127, 0]``. The largest weight error (the Y weight of R and B: 91 vs 90.58) moves the
+result by at most 0.6 of an RGB unit, so the output is within one step of the rounded float
+formula for the usual normalisations (tested on every value of each channel).
 """
 
 from __future__ import annotations
 
+import math
+import warnings
+from collections.abc import Sequence
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
+
+from hq_lightning.functional.integer.accumulate import ConvPlan
+from hq_lightning.functional.integer.multiplier import quantize_multiplier
+from hq_lightning.functional.integer.quantize import quantize_bias
+from hq_lightning.functional.integer.rounding import requantize
+from hq_lightning.march import March, get_march
 
 __all__ = [
     "rgb2centered_yuv",
     "bgr2centered_yuv",
+    "centered_yuv2rgb",
+    "centered_yuv2bgr",
+    "yuv2rgb_fixed_point_params",
+    "YuvToRgbFixedPoint",
 ]
+
+#: Marches whose hardware has the fixed-point colour conversion (semantics.md, section 2).
+YUV2RGB_MARCHES = (March.BAYES, March.BAYES_E)
 
 _SWINGS = ("full", "studio")
 
@@ -128,3 +152,234 @@ def bgr2centered_yuv(input: Tensor, swing: str = "studio") -> Tensor:
         True
     """
     return _to_centered_yuv(input, swing, bgr=True)
+
+
+# BT.601 centered YUV -> RGB (0..255 scale): rgb = M @ (y, u, v) + offset, with y, u, v centered.
+_YUV2RGB_MATRIX = {
+    "full": ((1.0, 0.0, 1.402), (1.0, -0.3441, -0.7141), (1.0, 1.772, 0.0)),
+    "studio": ((1.164, 0.0, 1.596), (1.164, -0.392, -0.812), (1.164, 2.016, 0.0)),
+}
+_YUV2RGB_OFFSET = {"full": 128.0, "studio": 112.0 * 1.164}
+
+
+def _channel_vector(value: float | Sequence[float] | Tensor, name: str) -> Tensor:
+    """``value`` as a float64 vector of 3 (one entry per output channel)."""
+    if isinstance(value, Tensor):
+        vec = value.detach().to("cpu", torch.float64).flatten()
+    elif isinstance(value, (int, float)):
+        vec = torch.tensor([float(value)], dtype=torch.float64)
+    elif isinstance(value, Sequence) and not isinstance(value, str):
+        try:
+            vec = torch.tensor([float(v) for v in value], dtype=torch.float64)
+        except (TypeError, ValueError):
+            vec = None
+        if vec is None:
+            raise TypeError(f"Expected `{name}` to hold numbers, but got {value!r}.")
+    else:
+        raise TypeError(
+            f"Expected `{name}` to be a number, a list of 1 or 3 numbers or a tensor, "
+            f"but got {type(value).__name__}."
+        )
+    if vec.numel() not in (1, 3):
+        raise ValueError(
+            f"Expected `{name}` to have 1 or 3 values (one per channel), but got {vec.numel()}."
+        )
+    if not torch.isfinite(vec).all():
+        raise ValueError(f"Expected `{name}` to be finite, but got {vec.tolist()}.")
+    return vec.expand(3).clone()
+
+
+def _positive_scale(q_scale: float | Tensor) -> float:
+    if isinstance(q_scale, Tensor):
+        if q_scale.numel() != 1:
+            raise ValueError(
+                "Expected `q_scale` to be a float or a one-element tensor (the input QuantStub's "
+                f"per-tensor scale), but got a tensor of shape {tuple(q_scale.shape)}."
+            )
+        value = float(q_scale.detach().reshape(()))
+    elif isinstance(q_scale, (int, float)):
+        value = float(q_scale)
+    else:
+        raise TypeError(
+            f"Expected `q_scale` to be a float or a tensor, but got {type(q_scale).__name__}."
+        )
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"Expected `q_scale` to be a positive finite scale, but got {value}.")
+    # scales are float32 everywhere in a converted model (docs/integer-arithmetic.md)
+    return float(torch.tensor(value, dtype=torch.float32))
+
+
+class YuvToRgbFixedPoint(NamedTuple):
+    """The fixed-point 1x1 conv that implements :func:`centered_yuv2rgb`.
+
+    Attributes:
+        weight: int8 ``[3, 3, 1, 1]``; row ``c`` is ``round(M[c] / weight_scale[c])`` where ``M`` is
+            the BT.601 YUV -> RGB matrix with rows in output-channel order.
+        weight_scale: float32 ``[3]``, per output channel: ``max_j |M[c, j]| / 127 / std[c]``.
+        bias: float32 ``[3]``, ``(offset - mean[c]) / std[c]``: the conv's float bias; the integer
+            conv quantizes it to int32 at ``input_scale * weight_scale[c]``.
+        input_scale: 1.0 (the patched QuantStub passes centered YUV through unchanged).
+        output_scale: ``q_scale``, the scale the model's first layer was converted for.
+    """
+
+    weight: Tensor
+    weight_scale: Tensor
+    bias: Tensor
+    input_scale: float
+    output_scale: float
+
+
+def yuv2rgb_fixed_point_params(
+    swing: str = "studio",
+    mean: float | Sequence[float] | Tensor = (128.0,),
+    std: float | Sequence[float] | Tensor = (128.0,),
+    q_scale: float | Tensor = 1.0 / 128.0,
+    bgr: bool = False,
+) -> YuvToRgbFixedPoint:
+    """Derive the fixed-point conv of :func:`centered_yuv2rgb` / :func:`centered_yuv2bgr`.
+
+    The float map is ``out_c = (sum_j M[c, j] * yuv_j + offset - mean_c) / std_c``, quantized at
+    ``q_scale``. Dividing row ``c`` by ``std_c`` does not change its int8 weights, only its scale,
+    so the int8 weights depend on the swing alone: each row's largest coefficient maps to 127.
+
+    Example:
+        >>> from hq_lightning.functional.color import yuv2rgb_fixed_point_params
+        >>> p = yuv2rgb_fixed_point_params("full")
+        >>> p.weight[:, :, 0, 0].tolist()
+        [[91, 0, 127], [127, -44, -91], [72, 127, 0]]
+    """
+    _check_swing(swing)
+    mean_vec = _channel_vector(mean, "mean")
+    std_vec = _channel_vector(std, "std")
+    if (std_vec == 0).any():
+        raise ValueError(f"Expected `std` to be non-zero, but got {std_vec.tolist()}.")
+    out_scale = _positive_scale(q_scale)
+    matrix = torch.tensor(_YUV2RGB_MATRIX[swing], dtype=torch.float64)
+    if bgr:
+        matrix = matrix.flip(0)
+    row_scale = matrix.abs().amax(dim=1) / 127.0
+    weight = torch.round(matrix / row_scale[:, None]).to(torch.int8)
+    # Dividing by a negative std flips the sign of the whole row: keep the int8 weights positive
+    # in that case by negating them and keeping the (positive) scale.
+    sign = torch.sign(std_vec)
+    weight = (weight.to(torch.int16) * sign.to(torch.int16)[:, None]).to(torch.int8)
+    weight_scale = row_scale / std_vec.abs()
+    bias = (_YUV2RGB_OFFSET[swing] - mean_vec) / std_vec
+    return YuvToRgbFixedPoint(
+        weight=weight.reshape(3, 3, 1, 1),
+        weight_scale=weight_scale.to(torch.float32),
+        bias=bias.to(torch.float32),
+        input_scale=1.0,
+        output_scale=out_scale,
+    )
+
+
+def _check_deploy_input(input: Tensor, op: str) -> None:
+    if not isinstance(input, Tensor):
+        raise TypeError(f"Expected `input` to be a torch.Tensor, but got {type(input).__name__}.")
+    if input.dtype not in (torch.int8, torch.int16):
+        raise TypeError(
+            f"Expected `input` of `{op}` to be the int8 output of a converted model's QuantStub "
+            f"(scale 1, centered YUV in -128..127), but got dtype {input.dtype}. `{op}` is a "
+            "deploy-only op for models after `convert_fx`; at training time convert the images "
+            "with `rgb2centered_yuv` / `bgr2centered_yuv` instead."
+        )
+    if input.dim() != 4 or input.shape[1] != 3:
+        raise ValueError(
+            f"Expected `input` of `{op}` to be an NCHW tensor with 3 (Y, U, V) channels, "
+            f"but got shape {tuple(input.shape)}."
+        )
+    march = get_march()
+    if march not in YUV2RGB_MARCHES:
+        names = " or ".join(m.value for m in YUV2RGB_MARCHES)
+        raise RuntimeError(
+            f"Expected the march to be {names} for `{op}` (only they run the fixed-point colour "
+            f"conversion), but got {march.value!r}. Call `set_march(...)` before using it."
+        )
+
+
+def _centered_yuv2rgb(
+    input: Tensor,
+    swing: str,
+    mean: float | Sequence[float] | Tensor,
+    std: float | Sequence[float] | Tensor,
+    q_scale: float | Tensor,
+    bgr: bool,
+) -> Tensor:
+    # Everything but the conv itself depends on the arguments only: under torch.jit.trace those
+    # tensors are constants of the trace by design, so the tracer's warnings about them are noise.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        _check_deploy_input(input, "centered_yuv2bgr" if bgr else "centered_yuv2rgb")
+        params = yuv2rgb_fixed_point_params(swing, mean, std, q_scale, bgr)
+        accumulator_scale = params.input_scale * params.weight_scale.to(torch.float64)
+        bias = quantize_bias(params.bias, accumulator_scale)
+        multiplier, shift = quantize_multiplier(accumulator_scale / params.output_scale)
+        plan = ConvPlan.build(params.weight, "conv2d", groups=1, activation_dtype=input.dtype)
+    acc = plan.accumulate(input, bias.to(input.device), weight=params.weight.to(input.device))
+    view = (1, 3, 1, 1)
+    return requantize(
+        acc,
+        multiplier.to(input.device).reshape(view),
+        shift.to(input.device).reshape(view),
+        -128,
+        127,
+        torch.int8,
+    )
+
+
+def centered_yuv2rgb(
+    input: Tensor,
+    swing: str = "studio",
+    mean: float | Sequence[float] | Tensor = (128.0,),
+    std: float | Sequence[float] | Tensor = (128.0,),
+    q_scale: float | Tensor = 1.0 / 128.0,
+) -> Tensor:
+    """Deploy-only: centered YUV444 -> normalised, quantized RGB, as one fixed-point 1x1 conv.
+
+    Insert it in a *converted* model right after the input QuantStub and set that stub's scale to
+    1 (or let :func:`hq_lightning.deploy.patch_yuv_input` do both). It converts YUV to RGB
+    (BT.601, ``swing``), normalises with the training ``mean``/``std`` and quantizes at
+    ``q_scale``, the trained QuantStub scale the next layer was converted for. Needs march BAYES
+    or BAYES_E. The fixed-point weights are those of :func:`yuv2rgb_fixed_point_params`; the
+    result is within one output step of the float formula for the default normalisation.
+
+    Args:
+        input: int8 ``[N, 3, H, W]`` centered YUV (the QuantStub output at scale 1).
+        swing: ``"full"`` (what the chip's pyramid produces) or ``"studio"`` (default).
+        mean: normalisation mean of the RGB training images: a number, 1 or 3 values, or a tensor.
+        std: normalisation std, same forms as ``mean``.
+        q_scale: the trained input QuantStub scale (float or one-element tensor).
+
+    Returns:
+        int8 ``[N, 3, H, W]`` RGB at scale ``q_scale``: ``round((rgb - mean) / std / q_scale)``.
+
+    Example:
+        >>> import torch
+        >>> from hq_lightning.functional import centered_yuv2rgb
+        >>> grey = torch.zeros(1, 3, 1, 1, dtype=torch.int8)  # Y = U = V = 128
+        >>> centered_yuv2rgb(grey, swing="full").flatten().tolist()
+        [0, 0, 0]
+    """
+    return _centered_yuv2rgb(input, swing, mean, std, q_scale, bgr=False)
+
+
+def centered_yuv2bgr(
+    input: Tensor,
+    swing: str = "studio",
+    mean: float | Sequence[float] | Tensor = (128.0,),
+    std: float | Sequence[float] | Tensor = (128.0,),
+    q_scale: float | Tensor = 1.0 / 128.0,
+) -> Tensor:
+    """Deploy-only: :func:`centered_yuv2rgb` for a model trained on BGR images.
+
+    ``mean`` and ``std`` are in the model's (B, G, R) channel order.
+
+    Example:
+        >>> import torch
+        >>> from hq_lightning.functional import centered_yuv2bgr
+        >>> white = torch.tensor([127, 0, 0], dtype=torch.int8).reshape(1, 3, 1, 1)
+        >>> centered_yuv2bgr(white, swing="full").flatten().tolist()
+        [127, 127, 127]
+    """
+    return _centered_yuv2rgb(input, swing, mean, std, q_scale, bgr=True)
