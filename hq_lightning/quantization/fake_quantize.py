@@ -93,11 +93,16 @@ def fake_quantize(
             f"Expected `scale` of shape [{channels}] for per-channel fake quant along ch_axis={ch_axis} "
             f"of an input of shape {tuple(x.shape)}, but got shape {tuple(scale.shape)}."
         )
-    if x.dtype == torch.float32:
-        zero_point = torch.zeros(channels, dtype=torch.int32, device=x.device)
-        return torch.fake_quantize_per_channel_affine(x, scale, zero_point, axis, info.min, info.max)
     shape = [1] * x.dim()
     shape[axis] = channels
+    if x.dtype == torch.float32:
+        # The per-channel kernel casts the rounded code to int64 before clamping, so codes beyond
+        # 2**63 wrap to qmin. Bounding x at 2**40 codes first keeps saturation right; clamp's
+        # gradient is 0 out there, as the saturating STE's would be.
+        bound = (scale * 2.0**40).view(shape)
+        x = torch.clamp(x, -bound, bound)
+        zero_point = torch.zeros(channels, dtype=torch.int32, device=x.device)
+        return torch.fake_quantize_per_channel_affine(x, scale, zero_point, axis, info.min, info.max)
     return _PlainFakeQuantize.apply(x, scale.view(shape), info.min, info.max)
 
 

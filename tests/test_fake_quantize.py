@@ -1,0 +1,305 @@
+"""fake_quantize and FakeQuantize against the formulas of semantics.md (bit for bit)."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from hq_lightning.march import March, march_context
+from hq_lightning.quantization import (
+    CalibFakeQuantize,
+    FakeQuantize,
+    MovingAveragePerChannelMinMaxObserver,
+    MovingAveragePerTensorMinMaxObserver,
+    PercentileObserver,
+)
+from hq_lightning.quantization.factory import Factory
+from hq_lightning.quantization.fake_quantize import fake_quantize
+
+QRANGE = {"qint8": (-128, 127), "qint16": (-32768, 32767)}
+
+
+def ref_fake_quant(x: np.ndarray, scale: np.ndarray, dtype: str) -> np.ndarray:
+    """The contract: clamp(round_half_even(x * (1 / scale)), qmin, qmax) * scale, all float32."""
+    qmin, qmax = QRANGE[dtype]
+    inv = (np.float32(1.0) / scale.astype(np.float32)).astype(np.float32)
+    q = np.rint((x.astype(np.float32) * inv).astype(np.float32))  # rint: half to even
+    return (np.clip(q, qmin, qmax).astype(np.float32) * scale.astype(np.float32)).astype(np.float32)
+
+
+def ref_divide(x: np.ndarray, scale: np.ndarray, dtype: str) -> np.ndarray:
+    """semantics.md's x / scale form."""
+    qmin, qmax = QRANGE[dtype]
+    q = np.rint((x.astype(np.float32) / scale.astype(np.float32)).astype(np.float32))
+    return (np.clip(q, qmin, qmax).astype(np.float32) * scale.astype(np.float32)).astype(np.float32)
+
+
+def inputs(scale: float, dtype: str, n: int = 2000, seed: int = 0) -> torch.Tensor:
+    qmin, qmax = QRANGE[dtype]
+    g = torch.Generator().manual_seed(seed)
+    amax = scale * (qmax - qmin) / 2
+    random = (torch.rand(n, generator=g) * 2 - 1) * amax * 1.2
+    ties = (torch.arange(-6, 6, dtype=torch.float32) + 0.5) * scale  # half-integer codes
+    edges = torch.tensor([0.0, -0.0, amax, -amax, qmax * scale, qmin * scale, 1e30, -1e30, scale / 2])
+    return torch.cat([random, ties, edges]).float()
+
+
+SCALES = [0.1, 1 / 127.5, 2.0**-7, 3.7e-5, 0.013]
+
+
+@pytest.mark.parametrize("dtype", ["qint8", "qint16"])
+@pytest.mark.parametrize("scale", SCALES)
+def test_per_tensor_bit_exact(dtype, scale):
+    x = inputs(scale, dtype)
+    s = torch.tensor([scale], dtype=torch.float32)
+    got = fake_quantize(x, s, dtype)
+    expected = ref_fake_quant(x.numpy(), s.numpy(), dtype)
+    assert np.array_equal(got.numpy(), expected)
+
+
+@pytest.mark.parametrize("dtype", ["qint8", "qint16"])
+def test_per_channel_bit_exact(dtype):
+    scales = torch.tensor([1e-4, 0.1, 2.0**-5, 7.0], dtype=torch.float32)
+    x = torch.stack([inputs(float(s), dtype, n=300, seed=i) for i, s in enumerate(scales)], dim=1)
+    for ch_axis, xt in ((1, x), (0, x.t().contiguous()), (-1, x)):
+        got = fake_quantize(xt, scales, dtype, ch_axis=ch_axis)
+        shape = [1, 1]
+        shape[ch_axis] = 4
+        expected = ref_fake_quant(xt.numpy(), scales.numpy().reshape(shape), dtype)
+        assert np.array_equal(got.numpy(), expected)
+
+
+def test_multiply_equals_divide_away_from_ties_and_for_powers_of_two():
+    for scale in SCALES:
+        x = inputs(scale, "qint8", n=5000, seed=7).numpy()
+        s = np.array([scale], dtype=np.float32)
+        a, b = ref_fake_quant(x, s, "qint8"), ref_divide(x, s, "qint8")
+        codes = x.astype(np.float64) / np.float64(np.float32(scale))
+        away = np.abs(codes - np.floor(codes) - 0.5) > 1e-4
+        assert np.array_equal(a[away], b[away])
+        if np.log2(np.float32(scale)).is_integer():
+            assert np.array_equal(a, b)
+
+
+def test_half_precision_follows_the_float32_formula():
+    scale = torch.tensor([0.05])
+    x = inputs(0.05, "qint8", n=200).clamp(-100, 100)
+    for dt in (torch.float16, torch.bfloat16, torch.float64):
+        xd = x.to(dt)
+        got = fake_quantize(xd, scale, "qint8")
+        assert got.dtype == dt
+        expected = ref_fake_quant(xd.float().numpy(), scale.numpy(), "qint8")
+        assert torch.equal(got, torch.from_numpy(expected).to(dt))
+
+
+@pytest.mark.parametrize("dt", [torch.float32, torch.float64])
+def test_gradient_is_saturating_ste_per_tensor(dt):
+    scale = 0.1
+    x = inputs(scale, "qint8", n=500).to(dt).clamp(-30, 30).requires_grad_(True)
+    fake_quantize(x, torch.tensor([scale]), "qint8").backward(torch.full_like(x, 3.0))
+    inv = np.float32(1.0) / np.float32(scale)
+    q = np.rint((x.detach().float().numpy() * inv).astype(np.float32))
+    inside = (q >= -128) & (q <= 127)
+    assert torch.equal(x.grad, torch.from_numpy(np.where(inside, 3.0, 0.0)).to(dt))
+    assert inside.any() and (~inside).any()
+
+
+def test_gradient_is_saturating_ste_per_channel():
+    scales = torch.tensor([0.01, 1.0, 0.2])
+    x = torch.cat([torch.randn(3, 50) * 100, torch.full((3, 1), 1e30)], dim=1).requires_grad_(True)
+    fake_quantize(x, scales, "qint8", ch_axis=0).sum().backward()
+    q = torch.round(x.detach() * (1 / scales).view(3, 1))
+    expected = ((q >= -128) & (q <= 127)).float()
+    assert torch.equal(x.grad, expected)
+    assert (expected == 0).any() and (expected == 1).any()
+
+
+def test_amax_at_code_boundary_saturates_to_qmax():
+    fq = FakeQuantize(averaging_constant=1.0)
+    x = torch.tensor([-2.0, 1.0, 2.0])
+    y = fq(x)
+    scale = fq.scale.item()
+    assert scale == np.float32(2.0) / np.float32(127.5)
+    # +amax is code 127.5 (to within float32) and saturates to 127
+    assert y[2].item() == np.float32(127 * np.float32(scale))
+    # -amax: x * fl(1/scale) lands just inside -127.5 here, so it rounds to -127 (x / scale
+    # would give the tie -127.5 -> -128): the one-ulp difference the contract documents
+    assert np.float32(-2.0) * (np.float32(1) / np.float32(scale)) > np.float32(-127.5)
+    assert y[0].item() == np.float32(-127 * np.float32(scale))
+    assert np.array_equal(y.numpy(), ref_fake_quant(x.numpy(), fq.scale.numpy(), "qint8"))
+
+
+def test_fake_quantize_argument_errors():
+    with pytest.raises(ValueError, match="one-element `scale`"):
+        fake_quantize(torch.randn(3), torch.ones(2), "qint8")
+    with pytest.raises(ValueError, match=r"`scale` of shape \[3\]"):
+        fake_quantize(torch.randn(3, 2), torch.ones(2), "qint8", ch_axis=0)
+    with pytest.raises(ValueError, match="Expected `ch_axis`"):
+        fake_quantize(torch.randn(3, 2), torch.ones(3), "qint8", ch_axis=2)
+    with pytest.raises(ValueError, match="Expected `dtype`"):
+        fake_quantize(torch.randn(3), torch.ones(1), "int8")
+
+
+# ---------------------------------------------------------------- FakeQuantize module
+def test_module_contract_attributes():
+    fq = FakeQuantize()
+    assert fq.dtype == "qint8" and fq.ch_axis is None and fq.march is March.BAYES
+    assert isinstance(fq.activation_post_process, MovingAveragePerTensorMinMaxObserver)
+    assert fq.activation_post_process.averaging_constant == 0.01
+    assert fq.fake_quant_enabled and fq.observer_enabled
+    assert fq.scale.shape == (1,) and fq.zero_point.dtype == torch.int32
+    assert set(dict(fq.named_buffers())) >= {"scale", "zero_point"}
+    w = FakeQuantize(observer=MovingAveragePerChannelMinMaxObserver, ch_axis=0, averaging_constant=1)
+    assert w.ch_axis == 0 and w.scale.shape == (0,)
+    # a ch_axis given with a per-tensor observer is ignored, as in the plugin's docs
+    assert FakeQuantize(observer=MovingAveragePerTensorMinMaxObserver, ch_axis=0).ch_axis is None
+
+
+def test_forward_matches_observer_and_formula():
+    fq = FakeQuantize(averaging_constant=0.5)
+    a, b = torch.randn(64) * 2, torch.randn(64) * 5
+    fq(a)
+    y = fq(b)
+    lo = a.min() + 0.5 * (b.min() - a.min())
+    hi = a.max() + 0.5 * (b.max() - a.max())
+    scale = torch.maximum(-lo, hi) / 127.5
+    assert fq.scale.item() == scale.item()
+    assert np.array_equal(y.numpy(), ref_fake_quant(b.numpy(), fq.scale.numpy(), "qint8"))
+
+
+def test_observer_updates_only_when_enabled_and_training():
+    fq = FakeQuantize(averaging_constant=1.0)
+    fq(torch.tensor([1.0]))
+    s = fq.scale.clone()
+    fq.eval()
+    fq(torch.tensor([10.0]))
+    assert torch.equal(fq.scale, s)
+    fq.train()
+    fq.disable_observer()
+    fq(torch.tensor([10.0]))
+    assert torch.equal(fq.scale, s)
+    fq.enable_observer()
+    fq.disable_fake_quant()
+    x = torch.tensor([10.0, 0.123])
+    assert torch.equal(fq(x), x)
+    assert fq.scale.item() == np.float32(10.0) / np.float32(127.5)
+
+
+def test_march_captured_at_construction_and_bernoulli_power_of_two():
+    with march_context("bernoulli"):
+        fq = FakeQuantize(averaging_constant=1.0)
+        w = FakeQuantize(observer=MovingAveragePerChannelMinMaxObserver, averaging_constant=1.0)
+    assert fq.march is March.BERNOULLI  # stays after the global march changed back
+    fq(torch.tensor([-3.0, 1.0]))
+    assert fq.scale.item() == 2.0**-5  # 3 / 127.5 = 0.0235 -> floor(5.41) = 5
+    w(torch.tensor([[1e-3], [1.0], [1e4]]))
+    assert w.scale.tolist() == [2.0**-14, 2.0**-6, 2.0**-1]
+
+
+@pytest.mark.parametrize("march", ["bernoulli", "bernoulli2"])
+def test_int16_rejected_on_bernoulli_family(march):
+    with march_context(march), pytest.raises(ValueError, match="Expected march to support qint16"):
+        FakeQuantize(dtype="qint16")
+
+
+def test_int16_on_bayes_and_qint32_rejected():
+    fq = FakeQuantize(dtype="qint16", averaging_constant=1.0)
+    y = fq(torch.tensor([-1.0, 0.5, 1.0]))
+    assert fq.scale.item() == np.float32(1.0) / np.float32(32767.5)
+    assert np.array_equal(y.numpy(), ref_fake_quant(np.array([-1, 0.5, 1.0]), fq.scale.numpy(), "qint16"))
+    with pytest.raises(ValueError, match="'qint8' or 'qint16'"):
+        FakeQuantize(dtype="qint32")
+
+
+def test_unfed_per_channel_fake_quant_is_a_clear_error():
+    w = FakeQuantize(observer=MovingAveragePerChannelMinMaxObserver)
+    w.eval()
+    with pytest.raises(RuntimeError, match="has observed no data yet"):
+        w(torch.randn(2, 2))
+
+
+def test_state_dict_round_trip_never_fed_per_channel_strict():
+    never_fed = FakeQuantize(observer=MovingAveragePerChannelMinMaxObserver, ch_axis=0)
+    fresh = FakeQuantize(observer=MovingAveragePerChannelMinMaxObserver, ch_axis=0)
+    fresh.load_state_dict(never_fed.state_dict(), strict=True)
+    assert fresh.scale.shape == (0,) and fresh.activation_post_process.min_val.shape == (0,)
+
+
+def test_state_dict_round_trip_fed_per_channel_strict():
+    fed = FakeQuantize(observer=MovingAveragePerChannelMinMaxObserver, ch_axis=0, averaging_constant=1)
+    fed(torch.randn(6, 3))
+    fresh = FakeQuantize(observer=MovingAveragePerChannelMinMaxObserver, ch_axis=0, averaging_constant=1)
+    fresh.load_state_dict(fed.state_dict(), strict=True)
+    assert torch.equal(fresh.scale, fed.scale) and fresh.scale.shape == (6,)
+    fresh.eval()
+    x = torch.randn(6, 3)
+    assert torch.equal(fresh(x), fed.eval()(x))
+    model = torch.nn.Sequential(FakeQuantize(observer=MovingAveragePerChannelMinMaxObserver))
+    model.load_state_dict(torch.nn.Sequential(fed).state_dict(), strict=True)
+    assert model[0].scale.shape == (6,)
+
+
+# ---------------------------------------------------------------- with_args factories
+def test_with_args_factory_equality_repr_pickle():
+    make = lambda: FakeQuantize.with_args(  # noqa: E731
+        observer=MovingAveragePerTensorMinMaxObserver, dtype="qint8", averaging_constant=0
+    )
+    f, g = make(), make()
+    assert isinstance(f, Factory) and f == g and hash(f) == hash(g)
+    assert f != FakeQuantize.with_args(observer=MovingAveragePerTensorMinMaxObserver, dtype="qint16")
+    assert f != CalibFakeQuantize.with_args(
+        observer=MovingAveragePerTensorMinMaxObserver, dtype="qint8", averaging_constant=0
+    )
+    assert repr(f) == (
+        "FakeQuantize.with_args(observer=MovingAveragePerTensorMinMaxObserver, dtype='qint8', "
+        "averaging_constant=0)"
+    )
+    assert pickle.loads(pickle.dumps(f)) == f
+    built = f()
+    assert isinstance(built, FakeQuantize) and built.activation_post_process.averaging_constant == 0
+    assert f(dtype="qint16").dtype == "qint16"  # call-time override
+    assert f.with_args(dtype="qint16")().dtype == "qint16"
+    assert f.func is FakeQuantize and f.keywords["averaging_constant"] == 0
+    calib = CalibFakeQuantize.with_args(observer=PercentileObserver, percentile=99.9)()
+    assert isinstance(calib, CalibFakeQuantize) and calib.activation_post_process.percentile == 99.9
+    obs_factory = PercentileObserver.with_args(bins=64)
+    assert obs_factory == PercentileObserver.with_args(bins=64) and obs_factory().bins == 64
+
+
+def test_fake_quantize_accepts_an_observer_factory():
+    fq = FakeQuantize(observer=MovingAveragePerChannelMinMaxObserver.with_args(averaging_constant=1.0), ch_axis=1)
+    assert fq.ch_axis == 1 and fq.activation_post_process.ch_axis == 1
+    fq(torch.randn(2, 5))
+    assert fq.scale.shape == (5,)
+
+
+def test_user_guide_custom_qconfig_snippets():
+    from hq_lightning.quantization import (
+        FakeQuantize,
+        MovingAveragePerChannelMinMaxObserver,
+        MovingAveragePerTensorMinMaxObserver,
+        QConfig,
+    )
+
+    activation_8bit_fake_quant = FakeQuantize.with_args(
+        observer=MovingAveragePerTensorMinMaxObserver,
+        dtype="qint8",
+        ch_axis=0,
+        averaging_constant=0,  # 自定义 observer 的参数
+    )
+    weight_8bit_fake_quant = FakeQuantize.with_args(
+        observer=MovingAveragePerChannelMinMaxObserver,
+        dtype="qint8",
+        ch_axis=0,
+        averaging_constant=1,  # 自定义 observer 的参数
+    )
+    qat_8bit_qconfig = QConfig(activation=activation_8bit_fake_quant, weight=weight_8bit_fake_quant)
+
+    assert qat_8bit_qconfig.kind == "qat"
+    act, weight = qat_8bit_qconfig.activation(), qat_8bit_qconfig.weight()
+    assert act.ch_axis is None and act.activation_post_process.averaging_constant == 0
+    assert weight.ch_axis == 0 and weight.activation_post_process.averaging_constant == 1
+    act(torch.tensor([1.0]))
+    act(torch.tensor([5.0]))
+    assert act.scale.item() == np.float32(1.0) / np.float32(127.5)  # c = 0 keeps the first batch
