@@ -12,6 +12,7 @@ What convert reads (contract, docs/architecture.md):
 
 from hq_lightning.nn.qat.conv import Conv1d, Conv2d, Conv3d
 from hq_lightning.nn.qat.conv_transpose import ConvTranspose2d
+from hq_lightning.nn.qat.float_functional import FloatFunctional
 from hq_lightning.nn.qat.fused_weighted import FusedWeightedMixin
 from hq_lightning.nn.qat.linear import Linear
 from hq_lightning.nn.qat.pooling import AdaptiveAvgPool2d, AvgPool2d
@@ -26,6 +27,7 @@ __all__ = [
     "Conv3d",
     "ConvTranspose2d",
     "DeQuantStub",
+    "FloatFunctional",
     "FusedWeightedMixin",
     "Linear",
     "QuantStub",

@@ -239,5 +239,5 @@ def _fused_parts(mod: nn.Module) -> tuple[nn.Module, nn.Module | None, nn.Module
     relu = getattr(mod, "relu", None)
     if isinstance(relu, nn.Identity):
         relu = None
-    has_add = bool(getattr(mod, "has_add", False) or getattr(mod, "with_add", False) or getattr(mod, "add", False))
+    has_add = bool(getattr(mod, "has_add", False))
     return conv, bn, relu, has_add
