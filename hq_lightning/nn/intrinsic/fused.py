@@ -67,7 +67,7 @@ class FusedModule(nn.Module):
         self, conv: nn.Module, bn: nn.Module | None = None, relu: nn.Module | None = None
     ) -> None:
         super().__init__()
-        if type(conv) is not self.base_type:
+        if not isinstance(conv, self.base_type):
             raise TypeError(
                 f"Expected `conv` of {type(self).__name__} to be {self.base_type.__name__}, "
                 f"but got {type(conv).__name__}."
