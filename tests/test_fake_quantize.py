@@ -15,7 +15,11 @@ from hq_lightning.quantization import (
     PercentileObserver,
 )
 from hq_lightning.quantization.factory import Factory
-from hq_lightning.quantization.fake_quantize import fake_quantize
+from hq_lightning.quantization.fake_quantize import (
+    _fake_quantize_aten,
+    _fake_quantize_plain,
+    fake_quantize,
+)
 
 QRANGE = {"qint8": (-128, 127), "qint16": (-32768, 32767)}
 
@@ -53,9 +57,12 @@ SCALES = [0.1, 1 / 127.5, 2.0**-7, 3.7e-5, 0.013]
 def test_per_tensor_bit_exact(dtype, scale):
     x = inputs(scale, dtype)
     s = torch.tensor([scale], dtype=torch.float32)
-    got = fake_quantize(x, s, dtype)
     expected = ref_fake_quant(x.numpy(), s.numpy(), dtype)
-    assert np.array_equal(got.numpy(), expected)
+    assert np.array_equal(fake_quantize(x, s, dtype).numpy(), expected)
+    # both implementations (aten kernels: accelerators; plain ops: CPU) are the formula
+    qmin, qmax = QRANGE[dtype]
+    assert np.array_equal(_fake_quantize_aten(x, s, qmin, qmax, None).numpy(), expected)
+    assert np.array_equal(_fake_quantize_plain(x, s, qmin, qmax, None).numpy(), expected)
 
 
 @pytest.mark.parametrize("dtype", ["qint8", "qint16"])
@@ -68,6 +75,10 @@ def test_per_channel_bit_exact(dtype):
         shape[ch_axis] = 4
         expected = ref_fake_quant(xt.numpy(), scales.numpy().reshape(shape), dtype)
         assert np.array_equal(got.numpy(), expected)
+        qmin, qmax = QRANGE[dtype]
+        axis = ch_axis % 2
+        assert np.array_equal(_fake_quantize_aten(xt, scales, qmin, qmax, axis).numpy(), expected)
+        assert np.array_equal(_fake_quantize_plain(xt, scales, qmin, qmax, axis).numpy(), expected)
 
 
 def test_multiply_equals_divide_away_from_ties_and_for_powers_of_two():
@@ -105,14 +116,28 @@ def test_gradient_is_saturating_ste_per_tensor(dt):
     assert inside.any() and (~inside).any()
 
 
-def test_gradient_is_saturating_ste_per_channel():
+@pytest.mark.parametrize("impl", [fake_quantize, "aten", "plain"])
+def test_gradient_is_saturating_ste_per_channel(impl):
     scales = torch.tensor([0.01, 1.0, 0.2])
     x = torch.cat([torch.randn(3, 50) * 100, torch.full((3, 1), 1e30)], dim=1).requires_grad_(True)
-    fake_quantize(x, scales, "qint8", ch_axis=0).sum().backward()
+    if impl == "aten":
+        y = _fake_quantize_aten(x, scales, -128, 127, 0)
+    elif impl == "plain":
+        y = _fake_quantize_plain(x, scales, -128, 127, 0)
+    else:
+        y = impl(x, scales, "qint8", ch_axis=0)
+    y.sum().backward()
     q = torch.round(x.detach() * (1 / scales).view(3, 1))
     expected = ((q >= -128) & (q <= 127)).float()
     assert torch.equal(x.grad, expected)
     assert (expected == 0).any() and (expected == 1).any()
+
+
+def test_aten_per_tensor_gradient_is_saturating_ste():
+    x = (torch.randn(200) * 30).requires_grad_(True)
+    _fake_quantize_aten(x, torch.tensor([0.1]), -128, 127, None).sum().backward()
+    q = torch.round(x.detach() * np.float32(1 / np.float32(0.1)))
+    assert torch.equal(x.grad, ((q >= -128) & (q <= 127)).float())
 
 
 def test_amax_at_code_boundary_saturates_to_qmax():
