@@ -11,6 +11,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -21,7 +23,7 @@ __all__ = ["quantize", "dequantize", "quantize_bias", "channel_view"]
 
 def channel_view(values: Tensor, ch_axis: int | None, ndim: int) -> Tensor:
     """Reshape per-channel ``values`` ``[C]`` to broadcast on axis ``ch_axis`` of an ``ndim`` tensor."""
-    if ch_axis is None or values.numel() == 1:
+    if ch_axis is None or math.prod(values.shape) == 1:
         return values.reshape([1] * max(ndim, 1)) if ndim else values.reshape(())
     shape = [1] * ndim
     shape[ch_axis] = -1

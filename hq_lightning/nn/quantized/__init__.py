@@ -1,6 +1,35 @@
 """hq_lightning.nn.quantized: ``FloatFunctional`` (float operators as modules) and the integer
-modules convert produces."""
+modules convert produces (docs/integer-arithmetic.md)."""
 
+from hq_lightning.nn.quantized.conv import (
+    QuantizedConv1d,
+    QuantizedConv2d,
+    QuantizedConv3d,
+    QuantizedConvTranspose2d,
+)
 from hq_lightning.nn.quantized.float_functional import FloatFunctional
+from hq_lightning.nn.quantized.functional_modules import QFunctional
+from hq_lightning.nn.quantized.interpolate import QuantizedInterpolate
+from hq_lightning.nn.quantized.linear import QuantizedLinear
+from hq_lightning.nn.quantized.pooling import (
+    QuantizedAdaptiveAvgPool2d,
+    QuantizedAvgPool2d,
+    QuantizedMaxPool2d,
+)
+from hq_lightning.nn.quantized.quantize import DeQuantize, Quantize
 
-__all__ = ["FloatFunctional"]
+__all__ = [
+    "DeQuantize",
+    "FloatFunctional",
+    "QFunctional",
+    "Quantize",
+    "QuantizedAdaptiveAvgPool2d",
+    "QuantizedAvgPool2d",
+    "QuantizedConv1d",
+    "QuantizedConv2d",
+    "QuantizedConv3d",
+    "QuantizedConvTranspose2d",
+    "QuantizedInterpolate",
+    "QuantizedLinear",
+    "QuantizedMaxPool2d",
+]

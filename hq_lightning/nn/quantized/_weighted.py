@@ -1,0 +1,237 @@
+"""Shared machinery of the integer Conv/ConvTranspose/Linear modules (docs/integer-arithmetic.md §4-5)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from hq_lightning.dtype import QuantDType, as_dtype, torch_dtype
+from hq_lightning.functional.integer import (
+    ConvPlan,
+    channel_view,
+    quantize,
+    quantize_bias,
+    quantize_multipliers,
+    rounding_offset,
+)
+from hq_lightning.nn.quantized._common import (
+    activation_dtype,
+    bounds,
+    check_int_input,
+    scale_tensor,
+)
+
+_ACTIVATIONS = (None, "relu", "relu6")
+
+
+def _rebuild_plan_after_load(module: QuantizedWeightedModule, _incompatible_keys) -> None:
+    # a top-level function (not a lambda) so whole-module torch.save can pickle the hook
+    module._build_plan()
+
+
+class QuantizedWeightedModule(nn.Module):
+    """Base of integer weighted layers; subclasses set ``_kind``, ``_weight_ch_axis``, ``_out_axis``.
+
+    Buffers (all in ``state_dict``): ``weight`` int8, ``bias`` int32 or None, ``weight_scale``,
+    ``input_scale``, ``output_scale`` (``[1]``, or ``[C]`` = ``s_in * s_w`` for a high-precision
+    output), ``addend_scale`` (fused add only), and the derived ``multiplier``, ``shift``,
+    ``offset``, ``addend_multiplier``, ``clamp_min``, ``clamp_max``. The float32 weight chunks of
+    the fast path are rebuilt after ``load_state_dict`` and unpickling, never saved.
+    """
+
+    _kind = "conv2d"
+    _weight_ch_axis = 0
+    _out_axis = 1
+
+    def __init__(
+        self,
+        weight: Tensor,
+        bias: Tensor | None,
+        weight_scale: Tensor | float,
+        input_scale: Tensor | float,
+        output_scale: Tensor | float | None,
+        *,
+        input_dtype: QuantDType | str = "qint8",
+        output_dtype: QuantDType | str = "qint8",
+        activation: str | None = None,
+        addend_scale: Tensor | float | None = None,
+        addend_dtype: QuantDType | str = "qint8",
+        groups: int = 1,
+    ) -> None:
+        super().__init__()
+        if weight.dtype != torch.int8:
+            raise TypeError(
+                f"Expected `weight` to be a torch.int8 tensor, but got {weight.dtype}; "
+                "use `from_float_params` to quantize a float weight."
+            )
+        if bias is not None and bias.dtype != torch.int32:
+            raise TypeError(f"Expected `bias` to be a torch.int32 tensor, but got {bias.dtype}.")
+        if activation not in _ACTIVATIONS:
+            raise ValueError(
+                f"Expected `activation` to be one of {_ACTIVATIONS}, but got {activation!r}."
+            )
+        self.groups = groups
+        self.input_dtype = activation_dtype(input_dtype, "input_dtype")
+        out = as_dtype(output_dtype)
+        self.high_precision = output_scale is None or out == QuantDType.qint32
+        self.output_dtype = (
+            QuantDType.qint32 if self.high_precision else activation_dtype(out, "output_dtype")
+        )
+        self.activation = activation
+        self.has_addend = addend_scale is not None
+        self.addend_dtype = activation_dtype(addend_dtype, "addend_dtype")
+        if self.has_addend and self.high_precision:
+            raise ValueError(
+                "Expected `output_scale` for a fused add (the sum is requantized once), but got a "
+                "high-precision (int32) output; give the add's output scale and dtype."
+            )
+        self.register_buffer("weight", weight.detach().clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.register_buffer("weight_scale", scale_tensor(weight_scale, "weight_scale"))
+        self.register_buffer("input_scale", scale_tensor(input_scale, "input_scale"))
+        s_acc = self.accumulator_scale()
+        if self.high_precision:
+            self.register_buffer("output_scale", s_acc.to(torch.float32))
+        else:
+            self.register_buffer("output_scale", scale_tensor(output_scale, "output_scale"))
+        self.register_buffer(
+            "addend_scale", scale_tensor(addend_scale, "addend_scale") if self.has_addend else None
+        )
+        self._derive(s_acc)
+        self._build_plan()
+        self.register_load_state_dict_post_hook(_rebuild_plan_after_load)
+
+    # -- construction helpers -------------------------------------------------------------
+    @classmethod
+    def from_float_params(
+        cls,
+        weight: Tensor,
+        bias: Tensor | None,
+        weight_scale: Tensor | float,
+        input_scale: Tensor | float,
+        output_scale: Tensor | float | None,
+        **kwargs: Any,
+    ):
+        """Quantize a float (BN-folded) weight per channel and a float bias, then build the module.
+
+        ``weight_q = sat_8(round_half_even(w * fp32(1 / s_w)))`` on the output-channel axis and
+        ``bias_q = sat_32(round_half_even(b / (s_in * s_w)))``; other arguments as ``__init__``.
+        """
+        w_scale = scale_tensor(weight_scale, "weight_scale")
+        axis = cls._weight_ch_axis if w_scale.numel() > 1 else None
+        q_weight = quantize(weight.detach(), w_scale, "qint8", axis)
+        module = cls(q_weight, None, w_scale, input_scale, output_scale, **kwargs)
+        if bias is not None:
+            module.bias = quantize_bias(bias.detach(), module.accumulator_scale())
+        return module
+
+    def _out_channels(self) -> int:
+        if self._weight_ch_axis == 1:
+            return self.weight.shape[1] * self.groups
+        return self.weight.shape[0]
+
+    def accumulator_scale(self) -> Tensor:
+        """``s_in * s_w[c]`` per output channel, float64 (exact)."""
+        channels = self._out_channels()
+        w_scale = self.weight_scale.to(torch.float64)
+        if w_scale.numel() == 1:
+            w_scale = w_scale.expand(channels)
+        elif w_scale.numel() * self.groups == channels and w_scale.numel() != channels:
+            w_scale = w_scale.repeat(self.groups)  # ConvTranspose: [C_out/groups] per group
+        if w_scale.numel() != channels:
+            raise ValueError(
+                f"Expected `weight_scale` to have 1 or {channels} elements (output channels), "
+                f"but got {self.weight_scale.numel()}."
+            )
+        return self.input_scale.to(torch.float64) * w_scale
+
+    def _derive(self, s_acc: Tensor) -> None:
+        channels = s_acc.numel()
+        if self.high_precision:
+            lo, hi = bounds(QuantDType.qint32)
+            lo_t = torch.full((channels,), lo, dtype=torch.int64)
+            hi_t = torch.full((channels,), hi, dtype=torch.int64)
+            if self.activation is not None:
+                lo_t.zero_()
+            if self.activation == "relu6":
+                hi_t = torch.round(6.0 / s_acc).clamp(max=hi).to(torch.int64)
+            self.register_buffer("clamp_min", lo_t)
+            self.register_buffer("clamp_max", hi_t)
+            for name in ("multiplier", "shift", "offset", "addend_multiplier"):
+                self.register_buffer(name, None)
+            return
+        s_out = self.output_scale.to(torch.float64)
+        reals = [s_acc / s_out]
+        if self.has_addend:
+            reals.append((self.addend_scale.to(torch.float64) / s_out).expand(channels))
+        mults, shift = quantize_multipliers(*reals)
+        self.register_buffer("multiplier", mults[0])
+        self.register_buffer("shift", shift)
+        self.register_buffer("offset", rounding_offset(shift))
+        self.register_buffer("addend_multiplier", mults[1] if self.has_addend else None)
+        lo, hi = bounds(self.output_dtype)
+        if self.activation is not None:
+            lo = 0
+        hi_t = torch.tensor([hi], dtype=torch.int64)
+        if self.activation == "relu6":
+            six = torch.round(torch.tensor([6.0]) * torch.reciprocal(self.output_scale))
+            hi_t = six.clamp(max=hi).to(torch.int64)
+        self.register_buffer("clamp_min", torch.tensor([lo], dtype=torch.int64))
+        self.register_buffer("clamp_max", hi_t)
+
+    def _build_plan(self) -> None:
+        self._plan = ConvPlan.build(
+            self.weight.cpu(), self._kind, self.groups, torch_dtype(self.input_dtype)
+        )
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_plan", None)  # float32 chunks are derived; keep saved modules small
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._build_plan()
+
+    # -- forward --------------------------------------------------------------------------
+    def _op_kwargs(self) -> dict:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, addend: Tensor | None = None) -> Tensor:
+        check_int_input(x, self.input_dtype)
+        if self.has_addend != (addend is not None):
+            raise ValueError(
+                f"Expected `addend` to be {'an integer tensor' if self.has_addend else 'None'} "
+                f"(module built with addend_scale={'set' if self.has_addend else 'None'}), "
+                f"but got {'None' if addend is None else 'a tensor'}."
+            )
+        acc = self._plan.accumulate(x, self.bias, weight=self.weight, **self._op_kwargs())
+        ndim, axis = acc.dim(), self._out_axis
+        lo = channel_view(self.clamp_min, axis, ndim)
+        hi = channel_view(self.clamp_max, axis, ndim)
+        if self.high_precision:
+            return torch.clamp(acc, lo, hi).to(torch.int32)
+        value = acc * channel_view(self.multiplier, axis, ndim)
+        if addend is not None:
+            check_int_input(addend, self.addend_dtype, "addend")
+            value = value + addend.to(torch.int64) * channel_view(
+                self.addend_multiplier, axis, ndim
+            )
+        value = (value + channel_view(self.offset, axis, ndim)) >> channel_view(
+            self.shift, axis, ndim
+        )
+        return torch.clamp(value, lo, hi).to(torch_dtype(self.output_dtype))
+
+    def extra_repr(self) -> str:
+        parts = [
+            f"weight={tuple(self.weight.shape)}",
+            f"bias={self.bias is not None}",
+            f"{self.input_dtype.value}->{self.output_dtype.value}",
+        ]
+        if self.activation:
+            parts.append(f"activation={self.activation}")
+        if self.has_addend:
+            parts.append(f"addend={self.addend_dtype.value}")
+        return ", ".join(parts)

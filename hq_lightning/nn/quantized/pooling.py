@@ -1,0 +1,113 @@
+"""Integer pooling: average pools (window sum + requantization) and max pool (pass-through).
+
+Example:
+    >>> import torch
+    >>> pool = QuantizedAdaptiveAvgPool2d(1, input_scale=0.1, output_scale=0.1)
+    >>> pool(torch.tensor([[[[1, 2], [3, 5]]]], dtype=torch.int8)).tolist()
+    [[[[3]]]]
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
+
+from hq_lightning.dtype import QuantDType, torch_dtype
+from hq_lightning.functional.integer import (
+    adaptive_avg_pool_sums,
+    avg_pool_sum,
+    quantize_multiplier,
+    rounding_right_shift,
+)
+from hq_lightning.nn.quantized._common import activation_dtype, bounds, scale_tensor
+
+__all__ = ["QuantizedAvgPool2d", "QuantizedAdaptiveAvgPool2d", "QuantizedMaxPool2d"]
+
+
+class QuantizedAvgPool2d(nn.Module):
+    """Window sum (int64) then ``RHU_n(sum * m)``, ``M = s_in / (kh * kw * s_out)``.
+
+    Args: ``kernel_size, stride=None, padding=0`` as ``torch.nn.AvgPool2d`` (``ceil_mode=False``;
+    with padding only ``count_include_pad=True``), ``input_scale``, ``output_scale``,
+    ``output_dtype``.
+    """
+
+    def __init__(
+        self,
+        kernel_size,
+        stride=None,
+        padding=0,
+        *,
+        input_scale: Tensor | float,
+        output_scale: Tensor | float,
+        output_dtype: QuantDType | str = "qint8",
+        ceil_mode: bool = False,
+        count_include_pad: bool = True,
+    ) -> None:
+        super().__init__()
+        self.kernel_size = _pair(kernel_size)
+        self.stride = _pair(stride if stride is not None else kernel_size)
+        self.padding = _pair(padding)
+        if ceil_mode or (not count_include_pad and any(self.padding)):
+            raise ValueError(
+                "Expected `ceil_mode=False` and (`count_include_pad=True` or no padding): windows "
+                f"of one size, but got ceil_mode={ceil_mode}, count_include_pad={count_include_pad}."
+            )
+        self.output_dtype = activation_dtype(output_dtype, "output_dtype")
+        self.register_buffer("input_scale", scale_tensor(input_scale, "input_scale"))
+        self.register_buffer("output_scale", scale_tensor(output_scale, "output_scale"))
+        area = math.prod(self.kernel_size)
+        m, n = quantize_multiplier(self.input_scale.double() / (area * self.output_scale.double()))
+        self.register_buffer("multiplier", m)
+        self.register_buffer("shift", n)
+
+    def forward(self, x: Tensor) -> Tensor:
+        total = avg_pool_sum(x, self.kernel_size, self.stride, self.padding)
+        lo, hi = bounds(self.output_dtype)
+        out = rounding_right_shift(total * self.multiplier, self.shift)
+        return out.clamp(lo, hi).to(torch_dtype(self.output_dtype))
+
+
+class QuantizedAdaptiveAvgPool2d(nn.Module):
+    """torch's adaptive windows; per output position ``M_ij = s_in / (count_ij * s_out)``."""
+
+    def __init__(
+        self,
+        output_size,
+        *,
+        input_scale: Tensor | float,
+        output_scale: Tensor | float,
+        output_dtype: QuantDType | str = "qint8",
+    ) -> None:
+        super().__init__()
+        self.output_size = _pair(output_size)
+        self.output_dtype = activation_dtype(output_dtype, "output_dtype")
+        self.register_buffer("input_scale", scale_tensor(input_scale, "input_scale"))
+        self.register_buffer("output_scale", scale_tensor(output_scale, "output_scale"))
+
+    def forward(self, x: Tensor) -> Tensor:
+        sums, counts = adaptive_avg_pool_sums(x, self.output_size)
+        real = self.input_scale.double() / (counts.double() * self.output_scale.double())
+        m, n = quantize_multiplier(real)
+        lo, hi = bounds(self.output_dtype)
+        out = rounding_right_shift(sums * m, n)
+        return out.clamp(lo, hi).to(torch_dtype(self.output_dtype))
+
+
+class QuantizedMaxPool2d(nn.Module):
+    """Max pool on integers (pass-through of values; the scale is the input's)."""
+
+    def __init__(self, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False) -> None:
+        super().__init__()
+        self.kernel_size, self.stride = kernel_size, stride if stride is not None else kernel_size
+        self.padding, self.dilation, self.ceil_mode = padding, dilation, ceil_mode
+
+    def forward(self, x: Tensor) -> Tensor:
+        args = (self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)
+        if x.is_cuda:  # integer max pool kernels exist on CPU only; float32 holds int16 exactly
+            return F.max_pool2d(x.to(torch.float32), *args).to(x.dtype)
+        return F.max_pool2d(x, *args)

@@ -1,0 +1,426 @@
+"""Integer modules against the slow reference (tests/reference/integer_ref.py), bit for bit."""
+
+from __future__ import annotations
+
+import io
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+
+from hq_lightning.nn.quantized import (
+    DeQuantize,
+    QFunctional,
+    Quantize,
+    QuantizedAdaptiveAvgPool2d,
+    QuantizedAvgPool2d,
+    QuantizedConv1d,
+    QuantizedConv2d,
+    QuantizedConvTranspose2d,
+    QuantizedInterpolate,
+    QuantizedLinear,
+    QuantizedMaxPool2d,
+)
+from tests.reference.integer_ref import (
+    ref_conv2d,
+    ref_conv_output,
+    ref_conv_transpose2d,
+    ref_dequantize,
+    ref_multipliers,
+    ref_quantize,
+    ref_requant,
+)
+
+TORCH = {"qint8": torch.int8, "qint16": torch.int16}
+
+
+def _ints(gen, shape, dtype):
+    info = torch.iinfo(TORCH[dtype])
+    return torch.randint(info.min, info.max + 1, shape, generator=gen).to(TORCH[dtype])
+
+
+def _f(t):
+    return [float(v) for v in t.flatten()]
+
+
+CASES = [
+    dict(
+        act="qint8",
+        out="qint8",
+        activation=None,
+        addend=False,
+        groups=1,
+        stride=1,
+        padding=1,
+        dilation=1,
+    ),
+    dict(
+        act="qint16",
+        out="qint16",
+        activation="relu",
+        addend=False,
+        groups=2,
+        stride=2,
+        padding=0,
+        dilation=1,
+    ),
+    dict(
+        act="qint8",
+        out="qint8",
+        activation="relu6",
+        addend=True,
+        groups=1,
+        stride=1,
+        padding=2,
+        dilation=2,
+    ),
+    dict(
+        act="qint16",
+        out="qint8",
+        activation=None,
+        addend=True,
+        groups=4,
+        stride=1,
+        padding=1,
+        dilation=1,
+    ),
+    dict(
+        act="qint8",
+        out="qint32",
+        activation="relu",
+        addend=False,
+        groups=1,
+        stride=1,
+        padding=0,
+        dilation=1,
+    ),
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_conv2d_matches_reference(case):
+    gen = torch.Generator().manual_seed(hash(str(case)) % 1000)
+    w_float = torch.randn(4, 4 // case["groups"], 3, 3, generator=gen)
+    s_w = torch.tensor([0.02, 3.0e-6, 0.9, 0.0071])  # wide and tiny per-channel scales
+    s_in = 0.031 if case["act"] == "qint8" else 1.3e-4
+    s_out = None if case["out"] == "qint32" else (0.05 if case["out"] == "qint8" else 2e-4)
+    s_y = 0.17
+    kw = dict(
+        input_dtype=case["act"],
+        output_dtype=case["out"],
+        activation=case["activation"],
+        addend_scale=s_y if case["addend"] else None,
+    )
+    conv = QuantizedConv2d.from_float_params(
+        w_float,
+        torch.randn(4, generator=gen),
+        s_w,
+        s_in,
+        s_out,
+        stride=case["stride"],
+        padding=case["padding"],
+        dilation=case["dilation"],
+        groups=case["groups"],
+        **kw,
+    )
+    x = _ints(gen, (2, 4, 6, 7), case["act"])
+    x[0, 0, 0, :2] = torch.tensor([torch.iinfo(x.dtype).min, torch.iinfo(x.dtype).max])
+    st, pad, dil = (case["stride"],) * 2, (case["padding"],) * 2, (case["dilation"],) * 2
+    acc = ref_conv2d(x.numpy(), conv.weight.numpy(), st, pad, dil, case["groups"])
+    addend = _ints(gen, acc.shape, "qint8") if case["addend"] else None
+    out = conv(x, addend) if addend is not None else conv(x)
+    s_w32 = _f(conv.weight_scale)
+    expect = ref_conv_output(
+        acc,
+        conv.bias.numpy(),
+        float(np.float32(s_in)),
+        s_w32,
+        None if s_out is None else float(np.float32(s_out)),
+        case["out"],
+        case["activation"],
+        None if addend is None else addend.numpy(),
+        float(np.float32(s_y)),
+    )
+    assert (
+        out.dtype
+        == {"qint8": torch.int8, "qint16": torch.int16, "qint32": torch.int32}[case["out"]]
+    )
+    assert out.long().tolist() == expect.tolist()
+    if case["out"] != "qint32":  # the tests exercise saturation
+        assert int(out.max()) == conv.clamp_max.item() or case["activation"] == "relu6"
+
+
+def test_weights_and_bias_quantized_by_the_fake_quant_rule():
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(3, 2, 1, 1, generator=gen)
+    s_w = torch.tensor([0.01, 0.02, 0.003])
+    conv = QuantizedConv2d.from_float_params(w, torch.randn(3, generator=gen), s_w, 0.1, 0.1)
+    for c in range(3):
+        assert (
+            conv.weight[c].long().flatten().tolist()
+            == ref_quantize(w[c].flatten().numpy(), float(s_w[c]), "qint8").tolist()
+        )
+    assert conv.weight.dtype == torch.int8 and conv.bias.dtype == torch.int32
+
+
+def test_bernoulli_power_of_two_scales_requantize_by_a_pure_shift():
+    gen = torch.Generator().manual_seed(2)
+    conv = QuantizedConv2d.from_float_params(
+        torch.randn(3, 2, 3, 3, generator=gen),
+        torch.randn(3, generator=gen),
+        torch.tensor([2.0**-7, 2.0**-9, 2.0**-5]),
+        2.0**-4,
+        2.0**-3,
+        padding=1,
+    )
+    assert conv.multiplier.tolist() == [1, 1, 1] and conv.shift.tolist() == [8, 10, 6]
+    x = _ints(gen, (1, 2, 4, 4), "qint8")
+    acc = ref_conv2d(x.numpy(), conv.weight.numpy(), padding=(1, 1))
+    for idx in np.ndindex(*acc.shape):
+        n = conv.shift.tolist()[idx[1]]
+        v = int(acc[idx]) + int(conv.bias[idx[1]])
+        assert int(conv(x)[idx]) == max(-128, min(127, (v + (1 << (n - 1))) >> n))
+
+
+def test_conv_transpose2d_linear_conv1d_match_reference():
+    gen = torch.Generator().manual_seed(3)
+    # ConvTranspose2d, groups 2: per-channel scale [C_out/groups] repeats over groups
+    s_w = torch.tensor([0.01, 0.5, 2e-5])
+    tconv = QuantizedConvTranspose2d.from_float_params(
+        torch.randn(4, 3, 3, 3, generator=gen),
+        torch.randn(6, generator=gen),
+        s_w,
+        0.02,
+        0.03,
+        stride=2,
+        padding=1,
+        output_padding=1,
+        groups=2,
+    )
+    x = _ints(gen, (1, 4, 3, 3), "qint8")
+    acc = ref_conv_transpose2d(x.numpy(), tconv.weight.numpy(), (2, 2), (1, 1), (1, 1), groups=2)
+    expect = ref_conv_output(
+        acc,
+        tconv.bias.numpy(),
+        float(np.float32(0.02)),
+        _f(s_w.repeat(2)),
+        float(np.float32(0.03)),
+        "qint8",
+    )
+    assert tconv(x).long().tolist() == expect.tolist()
+    # Linear with fused add, int16 in
+    fc = QuantizedLinear.from_float_params(
+        torch.randn(5, 7, generator=gen),
+        torch.randn(5, generator=gen),
+        torch.rand(5, generator=gen) * 0.01 + 1e-4,
+        1e-4,
+        0.02,
+        input_dtype="qint16",
+        addend_scale=0.05,
+        activation="relu",
+    )
+    x = _ints(gen, (3, 7), "qint16")
+    y = _ints(gen, (3, 5), "qint8")
+    acc = x.numpy().astype(object) @ fc.weight.numpy().astype(object).T
+    expect = ref_conv_output(
+        acc,
+        fc.bias.numpy(),
+        float(np.float32(1e-4)),
+        _f(fc.weight_scale),
+        float(np.float32(0.02)),
+        "qint8",
+        "relu",
+        y.numpy(),
+        float(np.float32(0.05)),
+    )
+    assert fc(x, y).long().tolist() == expect.tolist()
+    # Conv1d = Conv2d of height 1
+    c1 = QuantizedConv1d.from_float_params(
+        torch.randn(2, 3, 3, generator=gen), None, 0.01, 0.02, 0.04, padding=1
+    )
+    x = _ints(gen, (1, 3, 5), "qint8")
+    acc = ref_conv2d(x.numpy()[:, :, None], c1.weight.numpy()[:, :, None], padding=(0, 1))[:, :, 0]
+    expect = ref_conv_output(
+        acc,
+        None,
+        float(np.float32(0.02)),
+        [float(np.float32(0.01))] * 2,
+        float(np.float32(0.04)),
+        "qint8",
+    )
+    assert c1(x).long().tolist() == expect.tolist()
+
+
+def test_stubs_and_quant_scale_fill():
+    x = torch.tensor([0.3, -1.7, 250.0, 0.015625])
+    quant = Quantize(1 / 64, "qint8")
+    assert quant(x).long().tolist() == ref_quantize(x.numpy(), 1 / 64, "qint8").tolist()
+    quant.scale.fill_(1.0)
+    assert quant(x).long().tolist() == ref_quantize(x.numpy(), 1.0, "qint8").tolist()
+    q = torch.tensor([[[5, -7]], [[300, 1]]], dtype=torch.int32).permute(1, 0, 2)  # [1, 2, 2]
+    deq = DeQuantize(torch.tensor([0.5, 1e-3]))
+    assert deq(q).tolist() == ref_dequantize(q.numpy(), [0.5, float(np.float32(1e-3))]).tolist()
+
+
+def test_qfunctional_matches_reference():
+    gen = torch.Generator().manual_seed(4)
+    x, y = _ints(gen, (50,), "qint8"), _ints(gen, (50,), "qint16")
+    sx, sy, so = 0.013, 7e-5, 0.021
+    f = QFunctional([sx, sy], so)
+    f32 = [float(np.float32(v)) for v in (sx, sy, so)]
+    (mx, my), n = ref_multipliers([f32[0] / f32[2], f32[1] / f32[2]])
+    for op, sign in (("add", 1), ("sub", -1)):
+        got = getattr(f, op)(x, y).long().tolist()
+        assert got == [
+            ref_requant(int(a) * mx + sign * int(b) * my, 1, n, "qint8") for a, b in zip(x, y)
+        ]
+    assert f.add_relu(x, y).long().tolist() == [max(0, v) for v in f.add(x, y).long().tolist()]
+    (mp,), np_ = ref_multipliers([f32[0] * f32[1] / f32[2]])
+    assert f.mul(x, y).long().tolist() == [
+        ref_requant(int(a) * int(b), mp, np_, "qint8") for a, b in zip(x, y)
+    ]
+    a, b = _ints(gen, (2, 3, 4), "qint8"), _ints(gen, (2, 4, 5), "qint16")
+    exact = np.matmul(a.numpy().astype(object), b.numpy().astype(object))
+    assert f.matmul(a, b).long().tolist() == [
+        [[ref_requant(v, mp, np_, "qint8") for v in row] for row in m] for m in exact
+    ]
+    got = f.cat([x, y], 0).long().tolist()
+    parts = [ref_multipliers([f32[i] / f32[2]]) for i in (0, 1)]
+    assert got == [ref_requant(int(v), parts[0][0][0], parts[0][1], "qint8") for v in x] + [
+        ref_requant(int(v), parts[1][0][0], parts[1][1], "qint8") for v in y
+    ]
+    assert f.stack([x, y], 0).long().flatten().tolist() == got
+    g = QFunctional([sx], so)
+    z = _ints(gen, (3, 8), "qint8")
+    (ms,), ns = ref_multipliers([f32[0] / (8 * f32[2])])
+    assert g.mean(z, 1).long().tolist() == [
+        ref_requant(int(r.sum()), ms, ns, "qint8") for r in z.long()
+    ]
+    (ms,), ns = ref_multipliers([f32[0] / f32[2]])
+    assert g.sum(z, 1).long().tolist() == [
+        ref_requant(int(r.sum()), ms, ns, "qint8") for r in z.long()
+    ]
+    k = round(Fraction(2.5 / f32[2]) * 2**ns)
+    assert g.add_scalar(z[0], 2.5).long().tolist() == [
+        ref_requant(int(v) * ms + k, 1, ns, "qint8") for v in z[0]
+    ]
+    (ms,), ns = ref_multipliers([f32[0] * 1.7 / f32[2]])
+    assert g.mul_scalar(z[0], -1.7).long().tolist() == [
+        ref_requant(-int(v) * ms, 1, ns, "qint8") for v in z[0]
+    ]
+
+
+def test_pools_and_interpolate_match_reference():
+    gen = torch.Generator().manual_seed(5)
+    x = _ints(gen, (1, 2, 5, 6), "qint16")
+    xs = x.long().numpy()
+    s_in, s_out = float(np.float32(3e-4)), float(np.float32(2e-3))
+    pool = QuantizedAvgPool2d(2, 2, 1, input_scale=s_in, output_scale=s_out)
+    (m,), n = ref_multipliers([s_in / (4 * s_out)])
+    padded = np.pad(xs, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    out = pool(x)
+    for idx in np.ndindex(*out.shape):
+        _, _, i, j = idx
+        total = int(padded[idx[0], idx[1], 2 * i : 2 * i + 2, 2 * j : 2 * j + 2].sum())
+        assert int(out[idx]) == ref_requant(total, m, n, "qint8")
+    apool = QuantizedAdaptiveAvgPool2d((2, 4), input_scale=s_in, output_scale=s_out)
+    out = apool(x)
+    for idx in np.ndindex(*out.shape):
+        _, _, i, j = idx
+        h0, h1 = (i * 5) // 2, math.ceil((i + 1) * 5 / 2)
+        w0, w1 = (j * 6) // 4, math.ceil((j + 1) * 6 / 4)
+        (m,), n = ref_multipliers([s_in / ((h1 - h0) * (w1 - w0) * s_out)])
+        assert int(out[idx]) == ref_requant(
+            int(xs[idx[0], idx[1], h0:h1, w0:w1].sum()), m, n, "qint8"
+        )
+    mp = QuantizedMaxPool2d(2)(x)
+    assert (
+        mp.dtype == torch.int16
+        and mp.tolist() == torch.nn.functional.max_pool2d(x.float(), 2).long().tolist()
+    )
+    near = QuantizedInterpolate(scale_factor=2, mode="nearest")(x)
+    assert near.tolist() == x.repeat_interleave(2, -1).repeat_interleave(2, -2).tolist()
+    bil = QuantizedInterpolate(
+        size=(3, 4), mode="bilinear", align_corners=True, input_scale=s_in, output_scale=s_out
+    )
+    (m,), n = ref_multipliers([s_in / s_out / 2**16])
+    out = bil(x)
+    for idx in np.ndindex(*out.shape):
+        _, _, e, d = idx
+        sy, sx = e * (4 / 2), d * (5 / 3)
+        j0, i0 = math.floor(sy), math.floor(sx)
+        mu, lam = round((sy - j0) * 256), round((sx - i0) * 256)
+        j1, i1 = min(j0 + 1, 4), min(i0 + 1, 5)
+        p = xs[idx[0], idx[1]]
+        acc = (256 - mu) * ((256 - lam) * int(p[j0, i0]) + lam * int(p[j0, i1])) + mu * (
+            (256 - lam) * int(p[j1, i0]) + lam * int(p[j1, i1])
+        )
+        assert int(out[idx]) == ref_requant(acc, m, n, "qint8")
+
+
+def test_state_dict_save_load_and_trace_round_trip():
+    gen = torch.Generator().manual_seed(6)
+    w = torch.randn(64, 64, 3, 3, generator=gen)
+    conv = QuantizedConv2d.from_float_params(
+        w,
+        torch.randn(64, generator=gen),
+        torch.rand(64, generator=gen) * 0.01 + 1e-3,
+        0.02,
+        0.04,
+        padding=1,
+        addend_scale=0.1,
+        activation="relu6",
+    )
+    x = _ints(gen, (1, 64, 5, 5), "qint8")
+    y = _ints(gen, (1, 64, 5, 5), "qint8")
+    expect = conv(x, y)
+    state = conv.state_dict()
+    assert state["weight"].dtype == torch.int8 and state["bias"].dtype == torch.int32
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    float_buf = io.BytesIO()
+    torch.save(torch.nn.Conv2d(64, 64, 3).state_dict(), float_buf)
+    assert buf.tell() < 0.3 * float_buf.tell()
+    other = QuantizedConv2d.from_float_params(
+        torch.randn(64, 64, 3, 3),
+        torch.randn(64),
+        torch.full((64,), 0.5),
+        1.0,
+        1.0,
+        padding=1,
+        addend_scale=1.0,
+        activation="relu6",
+    )
+    other.load_state_dict(state)
+    assert torch.equal(other(x, y), expect)
+    whole = io.BytesIO()
+    torch.save(conv, whole)
+    assert whole.tell() < 0.35 * float_buf.tell()
+    whole.seek(0)
+    loaded = torch.load(whole, weights_only=False)
+    assert torch.equal(loaded(x, y), expect)
+    traced = torch.jit.trace(conv, (x, y))
+    assert torch.equal(traced(x, y), expect)
+    quant = Quantize(0.1)
+    traced_q = torch.jit.trace(quant, torch.randn(4))
+    assert torch.equal(traced_q(torch.tensor([0.25])), torch.tensor([2], dtype=torch.int8))
+
+
+def test_bad_inputs_raise_clear_errors():
+    conv = QuantizedConv2d.from_float_params(torch.randn(2, 2, 1, 1), None, 0.1, 0.1, 0.1)
+    with pytest.raises(TypeError, match="Expected `input` to be a torch.int8"):
+        conv(torch.zeros(1, 2, 2, 2))
+    with pytest.raises(ValueError, match="Expected `addend` to be None"):
+        conv(torch.zeros(1, 2, 2, 2, dtype=torch.int8), torch.zeros(1, 2, 2, 2, dtype=torch.int8))
+    with pytest.raises(TypeError, match="Expected `weight` to be a torch.int8"):
+        QuantizedConv2d(torch.zeros(2, 2, 1, 1), None, 0.1, 0.1, 0.1)
+    with pytest.raises(ValueError, match="Expected `output_scale` for a fused add"):
+        QuantizedConv2d.from_float_params(
+            torch.randn(2, 2, 1, 1), None, 0.1, 0.1, None, addend_scale=0.1
+        )
+    with pytest.raises(ValueError, match="Expected `input_scales` to have 2"):
+        QFunctional([0.1], 0.1).add(
+            torch.zeros(2, dtype=torch.int8), torch.zeros(2, dtype=torch.int8)
+        )
