@@ -1,0 +1,427 @@
+"""``convert_fx``: a prepared (calibrated or QAT) model -> an integer-only GraphModule.
+
+Between its input ``QuantStub``s and its ``DeQuantStub``s the converted model computes in
+integers only: every tensor there is ``torch.int8`` / ``int16`` / ``int32`` and every scale is a
+static buffer resolved here, by **static scale propagation** over the graph, in topological order.
+Each node gets its output :class:`QParams` (scale, dtype, channel axis of a per-channel scale), or
+``None`` for a float (or non-tensor) value:
+
+==========================================  ===================================================
+node                                        output qparams
+==========================================  ===================================================
+placeholder, get_attr                       float
+``QuantStub``                               its fake quant's ``scale`` / ``dtype``
+``DeQuantStub``                             float (dequantized with the propagated scale, which
+                                            may be per channel)
+QAT module with ``activation_post_process``  that fake quant's ``scale`` / ``dtype``
+Conv/Linear with ``activation_post_process``  int32, per output channel ``s_in * s_w[c]``
+is ``None`` (high-precision output)
+``FloatFunctional`` call (``_generated_add_0  that module's ``activation_post_process``
+.add(x, y)``)
+scale-preserving op (ReLU, MaxPool, Identity,  the scale of its (first) quantized input
+Dropout, flatten/reshape/permute/getitem,
+nearest upsample)
+anything else on a float input               float (left as it is: the float part of a model)
+==========================================  ===================================================
+
+Then every QAT module, ``FloatFunctional`` call and scale-preserving op that cannot run on an
+integer tensor as it is is replaced by the integer module that the table in
+:mod:`hq_lightning.quantization.fx.convert_mapping` builds from the resolved scales (int8
+weights quantized with the weight fake quant's scale, int32 bias in the accumulator scale).
+
+The conversion uses eval semantics whatever the input's mode: observers frozen, BatchNorm folded
+with its running statistics. The input model is never modified (it is deep-copied first).
+
+Example:
+    >>> import torch
+    >>> from hq_lightning.quantization import QuantStub, DeQuantStub, prepare_qat_fx
+    >>> from hq_lightning.quantization.qconfig import default_qat_8bit_fake_quant_qconfig
+    >>> class Net(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.quant, self.dequant = QuantStub(), DeQuantStub()
+    ...         self.conv = torch.nn.Conv2d(3, 4, 3)
+    ...     def forward(self, x):
+    ...         return self.dequant(self.conv(self.quant(x)))
+    >>> qat = prepare_qat_fx(Net(), {"": default_qat_8bit_fake_quant_qconfig})
+    >>> _ = qat(torch.rand(2, 3, 8, 8))
+    >>> int_model = convert_fx(qat)
+    >>> int_model.quant(torch.rand(1, 3, 8, 8)).dtype
+    torch.int8
+    >>> int_model(torch.rand(1, 3, 8, 8)).dtype
+    torch.float32
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from hq_lightning.dtype import QuantDType, as_dtype
+from hq_lightning.quantization.fake_quantize import FakeQuantize
+from hq_lightning.quantization.fx import convert_mapping as mapping
+
+__all__ = ["QParams", "convert_fx", "propagate_qparams"]
+
+
+@dataclass(frozen=True)
+class QParams:
+    """Static quantization parameters of one integer tensor of the converted graph.
+
+    Attributes:
+        scale: float32 scale, shape ``[1]`` (per tensor) or ``[C]`` (per channel).
+        dtype: the quantized dtype (``qint8``, ``qint16`` or ``qint32``).
+        ch_axis: axis of the tensor ``scale`` runs along when it is per channel, else ``None``.
+    """
+
+    scale: torch.Tensor
+    dtype: QuantDType
+    ch_axis: int | None = None
+
+    @property
+    def per_channel(self) -> bool:
+        return self.ch_axis is not None
+
+    def __repr__(self) -> str:
+        values = self.scale.flatten().tolist()
+        shown = values if len(values) <= 4 else values[:4] + ["..."]
+        axis = "" if self.ch_axis is None else f", ch_axis={self.ch_axis}"
+        return f"QParams({self.dtype.value}, scale={shown}{axis})"
+
+
+@dataclass
+class ConvertContext:
+    """Everything a builder of :mod:`convert_mapping` gets to build one integer module.
+
+    Attributes:
+        module: the module being replaced (QAT module, ``FloatFunctional`` or float op module);
+            ``None`` for a replaced function call.
+        node: its node in the prepared graph.
+        path: dotted path of ``module`` (or of the new module for a replaced function call).
+        inputs: qparams of the node's tensor inputs in argument order (``None``: float input).
+        output: the propagated qparams of the node's output.
+    """
+
+    module: nn.Module | None
+    node: fx.Node
+    path: str
+    inputs: list[QParams | None]
+    output: QParams | None
+
+    @property
+    def input(self) -> QParams:
+        """The (first) quantized input."""
+        for qparams in self.inputs:
+            if qparams is not None:
+                return qparams
+        raise ValueError(f"Expected `{self.path}` to have a quantized input, but all are float.")
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _fake_quant_paths(model: nn.Module) -> list[tuple[str, FakeQuantize]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, FakeQuantize)]
+
+
+def _check_prepared(model: Any) -> None:
+    if not isinstance(model, fx.GraphModule) or not _fake_quant_paths(model):
+        kind = type(model).__name__
+        detail = "a GraphModule without fake-quant modules" if isinstance(model, fx.GraphModule) else kind
+        raise TypeError(
+            "Expected `model` to be a model prepared by prepare_qat_fx (a GraphModule with "
+            f"fake-quant modules), but got {detail}. Call "
+            "hq_lightning.quantization.prepare_qat_fx(model, qconfig_dict) first, calibrate or "
+            "train it, then convert_fx."
+        )
+
+
+def _check_calibrated(model: nn.Module) -> None:
+    missing = [
+        name
+        for name, fake_quant in _fake_quant_paths(model)
+        if not fake_quant.activation_post_process.initialized
+    ]
+    if missing:
+        raise RuntimeError(
+            "Expected every observer of `model` to have seen data before convert_fx, but "
+            f"{len(missing)} never did: {', '.join(missing)}. Run calibration batches "
+            "(eval() + FakeQuantState.CALIBRATION) or QAT steps first, or load a calibrated "
+            "state_dict."
+        )
+
+
+# --------------------------------------------------------------------------- propagation
+
+
+def _fake_quant_qparams(fake_quant: FakeQuantize) -> QParams:
+    scale = fake_quant.scale.detach().to(torch.float32).clone()
+    if scale.numel() != 1:
+        raise ValueError(
+            f"Expected an activation fake quant to be per tensor, but got a scale of shape {tuple(scale.shape)}."
+        )
+    return QParams(scale.reshape(1), as_dtype(fake_quant.dtype))
+
+
+def weight_scale(module: nn.Module, out_channels: int) -> torch.Tensor:
+    """The weight fake quant's scale of ``module`` as a float32 ``[out_channels]`` vector."""
+    scale = module.weight_fake_quant.scale.detach().to(torch.float32).flatten()
+    if scale.numel() == 1:
+        scale = scale.expand(out_channels)
+    if scale.numel() != out_channels:
+        raise ValueError(
+            f"Expected the weight scale of {type(module).__name__} to have 1 or {out_channels} "
+            f"elements, but got {scale.numel()}."
+        )
+    return scale.clone()
+
+
+def _accumulator_qparams(module: nn.Module, input_qparams: QParams) -> QParams:
+    # high-precision (int32) output of a Conv/Linear: the accumulator itself, scale s_in * s_w[c]
+    out_channels = mapping.out_channels(module)
+    scale = (input_qparams.scale.double() * weight_scale(module, out_channels).double()).float()
+    ch_axis = mapping.output_channel_axis(module)
+    return QParams(scale, QuantDType.qint32, ch_axis)
+
+
+def _first_quantized(inputs: Sequence[QParams | None]) -> QParams | None:
+    return next((q for q in inputs if q is not None), None)
+
+
+def _input_qparams(node: fx.Node, env: dict[fx.Node, Any]) -> list[Any]:
+    """qparams of the node inputs in argument order (lists such as ``cat([a, b])`` flattened)."""
+    found: list[Any] = []
+    fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(env.get(n)))
+    return found
+
+
+def _is_float_functional(module: nn.Module | None) -> bool:
+    return module is not None and mapping.is_float_functional(module)
+
+
+def _functional_module(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, nn.Module] | None:
+    """(path, module) when ``node`` is ``call_method(op, (get_attr(<FloatFunctional>), ...))``."""
+    if node.op != "call_method" or not node.args:
+        return None
+    owner = node.args[0]
+    if not isinstance(owner, fx.Node) or owner.op != "get_attr":
+        return None
+    module = modules.get(str(owner.target))
+    return (str(owner.target), module) if _is_float_functional(module) else None
+
+
+def _unsupported(node: fx.Node, what: str) -> RuntimeError:
+    return RuntimeError(
+        f"Expected every op on an integer tensor to have an integer conversion, but got {what} "
+        f"(node `{node.name}`) fed by a quantized tensor. Keep it outside the QuantStub/DeQuantStub "
+        "region (insert a DeQuantStub before it), give it a qconfig so it is prepared, or register "
+        "an integer builder in hq_lightning.quantization.fx.convert_mapping."
+    )
+
+
+def _module_output(node: fx.Node, module: nn.Module, inputs: list[Any]) -> Any:
+    quantized = _first_quantized([q for q in inputs if isinstance(q, QParams)])
+    if mapping.is_dequant(module):
+        return None
+    if mapping.is_quant(module):
+        fake_quant = getattr(module, "activation_post_process", None)
+        if not isinstance(fake_quant, FakeQuantize):
+            if quantized is None:
+                return None  # an unprepared stub (qconfig None): part of the float model
+            raise _unsupported(node, f"unprepared QuantStub `{node.target}`")
+        return _fake_quant_qparams(fake_quant)
+    if type(module) in mapping.QAT_MODULE_BUILDERS:
+        if quantized is None:
+            raise RuntimeError(
+                f"Expected the input of QAT module `{node.target}` ({type(module).__name__}) to be "
+                "quantized, but got a float tensor: put a QuantStub before it."
+            )
+        fake_quant = getattr(module, "activation_post_process", None)
+        if isinstance(fake_quant, FakeQuantize):
+            return _fake_quant_qparams(fake_quant)
+        if hasattr(module, "weight_fake_quant"):
+            return _accumulator_qparams(module, quantized)
+        raise RuntimeError(
+            f"Expected QAT module `{node.target}` ({type(module).__name__}) to have an output fake "
+            "quant, but it has none (only a Conv/Linear may have a high-precision output)."
+        )
+    if mapping.is_scale_preserving_module(module):
+        return quantized
+    if quantized is not None:
+        raise _unsupported(node, f"module `{node.target}` of type {type(module).__name__}")
+    return None
+
+
+def _function_output(node: fx.Node, inputs: list[Any]) -> Any:
+    target = node.target
+    if target is operator.getitem:
+        container = inputs[0] if inputs else None
+        if isinstance(container, tuple):
+            index = node.args[1]
+            return container[index] if isinstance(index, int) else container
+        return container
+    if target is getattr:
+        return None
+    quantized = [q for q in inputs if isinstance(q, QParams)]
+    if not quantized:
+        return None
+    if target in mapping.SCALE_PRESERVING_FUNCTIONS or target in mapping.FUNCTION_BUILDERS:
+        return quantized[0]
+    raise _unsupported(node, f"function {getattr(target, '__name__', target)!r}")
+
+
+def _method_output(node: fx.Node, inputs: list[Any], modules: dict[str, nn.Module]) -> Any:
+    functional = _functional_module(node, modules)
+    if functional is not None:
+        path, module = functional
+        method = str(node.target)
+        if method not in mapping.FLOAT_FUNCTIONAL_BUILDERS:
+            raise _unsupported(node, f"FloatFunctional method {method!r} of `{path}`")
+        quantized = [q for q in inputs[1:] if isinstance(q, QParams)]
+        if not quantized:
+            return None
+        fake_quant = getattr(module, "activation_post_process", None)
+        if not isinstance(fake_quant, FakeQuantize):
+            raise RuntimeError(
+                f"Expected FloatFunctional `{path}` to be prepared (to own a FakeQuantize), but it "
+                "has none. Give the module that calls it a qconfig before prepare_qat_fx."
+            )
+        return _fake_quant_qparams(fake_quant)
+    quantized = [q for q in inputs if isinstance(q, QParams)]
+    if not quantized:
+        return None
+    if node.target in mapping.NON_TENSOR_METHODS:
+        return None
+    if node.target in mapping.SCALE_PRESERVING_METHODS:
+        return quantized[0]
+    raise _unsupported(node, f"tensor method {node.target!r}")
+
+
+def propagate_qparams(model: fx.GraphModule) -> dict[fx.Node, Any]:
+    """Static scale propagation over a prepared model's graph (see the module docstring).
+
+    Args:
+        model: a prepared (``prepare_qat_fx``) GraphModule with calibrated fake quants.
+
+    Returns:
+        ``{node: QParams | None}``: the qparams of each node's output (``None`` for float or
+        non-tensor values; a tuple for a node returning several quantized tensors).
+    """
+    modules = dict(model.named_modules())
+    env: dict[fx.Node, Any] = {}
+    for node in model.graph.nodes:
+        inputs = _input_qparams(node, env)
+        if node.op in ("placeholder", "get_attr", "output"):
+            env[node] = None
+        elif node.op == "call_module":
+            env[node] = _module_output(node, modules[str(node.target)], inputs)
+        elif node.op == "call_function":
+            env[node] = _function_output(node, inputs)
+        elif node.op == "call_method":
+            env[node] = _method_output(node, inputs, modules)
+        else:  # pragma: no cover - torch.fx has no other opcodes
+            raise RuntimeError(f"Expected a known fx opcode, but got {node.op!r}.")
+    return env
+
+
+# --------------------------------------------------------------------------- replacement
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, name, module)
+
+
+def _fresh_path(model: nn.Module, base: str) -> str:
+    taken = dict(model.named_modules())
+    path, k = base, 0
+    while path in taken:
+        k += 1
+        path = f"{base}_{k}"
+    return path
+
+
+def _replace_modules(model: fx.GraphModule, env: dict[fx.Node, Any]) -> None:
+    modules = dict(model.named_modules())
+    graph = model.graph
+    functional_uses: dict[str, int] = {}
+    for node in list(graph.nodes):
+        inputs = _input_qparams(node, env)
+        quantized = any(isinstance(q, QParams) for q in inputs)
+        if node.op == "call_module":
+            module = modules[str(node.target)]
+            builder = mapping.module_builder(module)
+            if builder is None or env[node] is None and not quantized:
+                continue
+            ctx = ConvertContext(module, node, str(node.target), inputs, env[node])
+            _set_module(model, str(node.target), builder(ctx))
+        elif node.op == "call_method":
+            functional = _functional_module(node, modules)
+            if functional is None or env[node] is None:
+                continue
+            # keep the graph's form `call_method(op, (get_attr(path), ...))`: the QFunctional
+            # that replaces the FloatFunctional has the same method names. A FloatFunctional
+            # called several times gets one integer module per call (each knows its scales).
+            path, module = functional
+            uses = functional_uses.get(path, 0)
+            functional_uses[path] = uses + 1
+            new_path = path if uses == 0 else _fresh_path(model, path)
+            ctx = ConvertContext(module, node, new_path, inputs[1:], env[node])
+            _set_module(model, new_path, mapping.FLOAT_FUNCTIONAL_BUILDERS[str(node.target)](ctx))
+            if uses:
+                with graph.inserting_before(node):
+                    owner = graph.get_attr(new_path)
+                node.args = (owner, *node.args[1:])
+        elif node.op == "call_function" and quantized and node.target in mapping.FUNCTION_BUILDERS:
+            base = node.meta.get("hq_module_path") or ""
+            name = f"{base}.{node.name}" if base else node.name
+            new_path = _fresh_path(model, name.replace(".", "_"))
+            ctx = ConvertContext(None, node, new_path, inputs, env[node])
+            _set_module(model, new_path, mapping.FUNCTION_BUILDERS[node.target](ctx))
+            with graph.inserting_before(node):
+                new_node = graph.call_module(new_path, _tensor_args(node), {})
+            new_node.meta.update(node.meta)
+            node.replace_all_uses_with(new_node)
+            env[new_node] = env[node]
+            graph.erase_node(node)
+
+
+def _tensor_args(node: fx.Node) -> tuple[Any, ...]:
+    # a replaced function keeps only its tensor (node) arguments; constants went into the module
+    return tuple(a for a in node.args if isinstance(a, fx.Node))
+
+
+def convert_fx(model: fx.GraphModule) -> fx.GraphModule:
+    """Convert a prepared (calibrated or QAT) model into an integer-only GraphModule.
+
+    Args:
+        model: the output of :func:`~hq_lightning.quantization.prepare_qat_fx`, after calibration
+            or QAT (its observers must have seen data). It is not modified, nor is its mode.
+
+    Returns:
+        A new GraphModule in eval mode whose QAT modules, ``FloatFunctional`` calls and integer
+        incompatible scale-preserving ops are integer modules from ``hq_lightning.nn.quantized``.
+        Between QuantStub and DeQuantStub its tensors are ``torch.int8/int16/int32``.
+
+    Raises:
+        TypeError: ``model`` was not prepared with ``prepare_qat_fx``.
+        RuntimeError: some observers never saw data (all of them are listed by path), or an op
+            on an integer tensor has no integer conversion.
+    """
+    _check_prepared(model)
+    _check_calibrated(model)
+    converted = copy.deepcopy(model)
+    converted.eval()
+    with torch.no_grad():
+        env = propagate_qparams(converted)
+        _replace_modules(converted, env)
+    converted.graph.lint()
+    converted.recompile()
+    return converted
