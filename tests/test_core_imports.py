@@ -46,3 +46,32 @@ def test_importing_core_pulls_in_nothing_heavy():
         for name in _imports(path):
             assert name.split(".")[0] not in FORBIDDEN, f"{path} imports {name}"
             assert not name.startswith(FORBIDDEN_TORCH), f"{path} imports {name}"
+
+
+def test_docstring_examples_run():
+    import doctest
+    import importlib
+
+    import pytest
+
+    from hq_lightning.march import get_march, set_march
+
+    before = get_march()
+    try:
+        for name in [
+            "hq_lightning.march",
+            "hq_lightning.dtype",
+            "hq_lightning.quantization.qparams",
+            "hq_lightning.quantization.observer",
+            "hq_lightning.quantization.fake_quantize",
+            "hq_lightning.quantization.factory",
+            "hq_lightning.quantization.state",
+            "hq_lightning.quantization.qconfig",
+            "hq_lightning.quantization.stubs",
+        ]:
+            result = doctest.testmod(importlib.import_module(name))
+            if result.failed:
+                pytest.fail(f"{result.failed} docstring example(s) failed in {name}")
+            assert result.attempted > 0, name
+    finally:
+        set_march(before)

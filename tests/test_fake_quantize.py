@@ -328,3 +328,22 @@ def test_user_guide_custom_qconfig_snippets():
     act(torch.tensor([1.0]))
     act(torch.tensor([5.0]))
     assert act.scale.item() == np.float32(1.0) / np.float32(127.5)  # c = 0 keeps the first batch
+
+
+def test_histogram_scale_is_computed_lazily_when_read():
+    fq = CalibFakeQuantize(observer=PercentileObserver, bins=64, percentile=100.0)
+    fq.disable_fake_quant()
+    fq(torch.tensor([1.0, -3.0]))
+    assert fq.__dict__["_scale_stale"]  # no search after each calibration batch
+    assert fq.scale.item() == np.float32(3.0) / np.float32(127.5)  # reading refreshes it
+    assert not fq.__dict__["_scale_stale"]
+    fq(torch.tensor([6.0]))
+    state = fq.state_dict()  # state_dict refreshes too
+    assert state["scale"].item() == np.float32(6.0) / np.float32(127.5)
+    fq(torch.tensor([12.0]))
+    fresh = CalibFakeQuantize(observer=PercentileObserver, bins=64, percentile=100.0)
+    fresh.load_state_dict(fq.state_dict(), strict=True)
+    assert fresh.scale.item() == np.float32(12.0) / np.float32(127.5)
+    fq.enable_fake_quant()
+    y = fq(torch.tensor([24.0, 1.0]))  # fake quant uses the scale after this batch
+    assert y[0].item() == np.float32(127 * fq.scale.item())

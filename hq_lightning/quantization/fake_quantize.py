@@ -197,6 +197,11 @@ class FakeQuantize(WithArgsMixin, nn.Module):
         self.register_buffer("zero_point", torch.zeros(initial.shape, dtype=torch.int32))
         self.fake_quant_enabled = True
         self.observer_enabled = True
+        # histogram observers search for their range: the scale is then recomputed when it is
+        # read (attribute access, state_dict, fake quant), not after every calibration batch
+        self._scale_stale = False
+        self._lazy_scale = bool(getattr(self.activation_post_process, "expensive_amax", False))
+        self.register_state_dict_pre_hook(_refresh_before_state_dict)
 
     # torch-style switches
     def enable_fake_quant(self, enabled: bool = True) -> FakeQuantize:
@@ -217,7 +222,14 @@ class FakeQuantize(WithArgsMixin, nn.Module):
         """``(scale, zero_point)`` from the observer with this module's march."""
         return self.activation_post_process.calculate_qparams(self.march)
 
+    def __getattr__(self, name: str) -> Any:
+        # nn.Module resolves buffers here; refresh a stale scale first
+        if name in ("scale", "zero_point") and self.__dict__.get("_scale_stale"):
+            self._update_scale()
+        return super().__getattr__(name)
+
     def _update_scale(self) -> None:
+        self.__dict__["_scale_stale"] = False
         scale, zero_point = self.calculate_qparams()
         if scale.shape != self.scale.shape:
             self._buffers["scale"] = torch.empty_like(scale)
@@ -228,7 +240,9 @@ class FakeQuantize(WithArgsMixin, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observer_enabled and self.training:
             self.activation_post_process(x.detach())
-            if self.activation_post_process.initialized:
+            if self._lazy_scale:
+                self._scale_stale = x.numel() > 0 or self._scale_stale
+            elif self.activation_post_process.initialized:
                 self._update_scale()
         if self.fake_quant_enabled:
             if self.scale.numel() == 0:
@@ -243,6 +257,7 @@ class FakeQuantize(WithArgsMixin, nn.Module):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
+        self.__dict__["_scale_stale"] = False  # the checkpoint's scale wins
         # per-channel scale starts as shape [0]; take the checkpoint's channel count
         for name in ("scale", "zero_point"):
             key = prefix + name
@@ -260,6 +275,11 @@ class FakeQuantize(WithArgsMixin, nn.Module):
             f"dtype={self.dtype.value}, ch_axis={self.ch_axis}, march={self.march.value}, "
             f"fake_quant_enabled={self.fake_quant_enabled}, observer_enabled={self.observer_enabled}"
         )
+
+
+def _refresh_before_state_dict(module: FakeQuantize, prefix: str, keep_vars: bool) -> None:
+    if module.__dict__.get("_scale_stale"):
+        module._update_scale()
 
 
 class CalibFakeQuantize(FakeQuantize):

@@ -103,6 +103,9 @@ class ObserverBase(WithArgsMixin, nn.Module):
 
     #: True for observers that keep one range per channel along ``ch_axis``.
     per_channel: bool = False
+    #: True when ``calculate_amax`` is a search (histogram observers): FakeQuantize then
+    #: recomputes its scale lazily, when the scale is read, not after every batch.
+    expensive_amax: bool = False
     #: buffers whose shape depends on the data; resized when loading a state_dict.
     _resizable_buffers: tuple[str, ...] = ()
 
@@ -366,6 +369,8 @@ class _HistogramObserver(ObserverBase):
 
     Values land in bin ``min(floor(|x| / width), bins - 1)`` with ``width = hist_range / bins``.
     """
+
+    expensive_amax = True
 
     def __init__(self, bins: int = 2048, dtype: QuantDType | str = "qint8", sync: str = "minmax") -> None:
         super().__init__(dtype=dtype, sync=sync)
