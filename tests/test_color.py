@@ -12,6 +12,8 @@ from hq_lightning.functional import (
     centered_yuv2rgb,
     rgb2centered_yuv,
 )
+from hq_lightning.functional.color import yuv2rgb_fixed_point_params
+from hq_lightning.functional.integer import quantize_bias, quantize_multiplier
 from hq_lightning.march import march_context
 
 # semantics.md section 7, written out independently of the implementation (numpy integer floor
@@ -186,3 +188,12 @@ def test_centered_yuv2rgb_traces_and_rejects_misuse():
         centered_yuv2rgb(x, q_scale=0.0)
     with pytest.raises(ValueError, match="Expected `swing`"):
         centered_yuv2rgb(x, swing="bt709")
+
+
+def test_fixed_point_multipliers_follow_the_integer_kernels():
+    for swing in ("full", "studio"):
+        for mean, std, q_scale in _NORMALISATIONS:
+            p = yuv2rgb_fixed_point_params(swing, mean, std, q_scale)
+            m, n = quantize_multiplier(p.weight_scale.double() / p.output_scale)
+            assert torch.equal(m, p.multiplier) and torch.equal(n, p.shift)
+            assert torch.equal(quantize_bias(p.bias, p.weight_scale.double()), p.quantized_bias)

@@ -29,7 +29,9 @@ formula for the usual normalisations (tested on every value of each channel).
 
 from __future__ import annotations
 
+import functools
 import math
+import struct
 import warnings
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -38,8 +40,6 @@ import torch
 from torch import Tensor
 
 from hq_lightning.functional.integer.accumulate import ConvPlan
-from hq_lightning.functional.integer.multiplier import quantize_multiplier
-from hq_lightning.functional.integer.quantize import quantize_bias
 from hq_lightning.functional.integer.rounding import requantize
 from hq_lightning.march import March, get_march
 
@@ -162,31 +162,34 @@ _YUV2RGB_MATRIX = {
 _YUV2RGB_OFFSET = {"full": 128.0, "studio": 112.0 * 1.164}
 
 
-def _channel_vector(value: float | Sequence[float] | Tensor, name: str) -> Tensor:
-    """``value`` as a float64 vector of 3 (one entry per output channel)."""
+def _channel_values(value: float | Sequence[float] | Tensor, name: str) -> tuple[float, ...]:
+    """``value`` as 3 Python floats (one per output channel)."""
     if isinstance(value, Tensor):
-        vec = value.detach().to("cpu", torch.float64).flatten()
+        values = [float(v) for v in value.detach().flatten().tolist()]
     elif isinstance(value, (int, float)):
-        vec = torch.tensor([float(value)], dtype=torch.float64)
+        values = [float(value)]
     elif isinstance(value, Sequence) and not isinstance(value, str):
         try:
-            vec = torch.tensor([float(v) for v in value], dtype=torch.float64)
+            values = [float(v) for v in value]
         except (TypeError, ValueError):
-            vec = None
-        if vec is None:
-            raise TypeError(f"Expected `{name}` to hold numbers, but got {value!r}.")
+            raise TypeError(f"Expected `{name}` to hold numbers, but got {value!r}.") from None
     else:
         raise TypeError(
             f"Expected `{name}` to be a number, a list of 1 or 3 numbers or a tensor, "
             f"but got {type(value).__name__}."
         )
-    if vec.numel() not in (1, 3):
+    if len(values) not in (1, 3):
         raise ValueError(
-            f"Expected `{name}` to have 1 or 3 values (one per channel), but got {vec.numel()}."
+            f"Expected `{name}` to have 1 or 3 values (one per channel), but got {len(values)}."
         )
-    if not torch.isfinite(vec).all():
-        raise ValueError(f"Expected `{name}` to be finite, but got {vec.tolist()}.")
-    return vec.expand(3).clone()
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"Expected `{name}` to be finite, but got {values}.")
+    return tuple(values * 3) if len(values) == 1 else tuple(values)
+
+
+def _float32(value: float) -> float:
+    """Round a Python float to float32 (scales are float32 in converted models)."""
+    return struct.unpack("f", struct.pack("f", value))[0]
 
 
 def _positive_scale(q_scale: float | Tensor) -> float:
@@ -196,7 +199,7 @@ def _positive_scale(q_scale: float | Tensor) -> float:
                 "Expected `q_scale` to be a float or a one-element tensor (the input QuantStub's "
                 f"per-tensor scale), but got a tensor of shape {tuple(q_scale.shape)}."
             )
-        value = float(q_scale.detach().reshape(()))
+        value = float(q_scale.detach().reshape(()).item())
     elif isinstance(q_scale, (int, float)):
         value = float(q_scale)
     else:
@@ -205,28 +208,84 @@ def _positive_scale(q_scale: float | Tensor) -> float:
         )
     if not (value > 0 and math.isfinite(value)):
         raise ValueError(f"Expected `q_scale` to be a positive finite scale, but got {value}.")
-    # scales are float32 everywhere in a converted model (docs/integer-arithmetic.md)
-    return float(torch.tensor(value, dtype=torch.float32))
+    return _float32(value)
+
+
+def _multiplier_and_shift(real: float) -> tuple[int, int]:
+    """``real ~= m * 2^-n`` by the rule of docs/integer-arithmetic.md, section 3 (one factor)."""
+    if real == 0:
+        return 0, 0
+    _, exponent = math.frexp(real)
+    shift = 31 - exponent
+    mult = round(math.ldexp(real, shift))  # Python's round is half to even
+    if mult == 2**31:
+        shift -= 1
+        mult = round(math.ldexp(real, shift))
+    while shift > 0 and mult % 2 == 0:
+        mult //= 2
+        shift -= 1
+    if shift > 62:
+        return 0, 0
+    return mult, shift
 
 
 class YuvToRgbFixedPoint(NamedTuple):
     """The fixed-point 1x1 conv that implements :func:`centered_yuv2rgb`.
 
     Attributes:
-        weight: int8 ``[3, 3, 1, 1]``; row ``c`` is ``round(M[c] / weight_scale[c])`` where ``M`` is
-            the BT.601 YUV -> RGB matrix with rows in output-channel order.
-        weight_scale: float32 ``[3]``, per output channel: ``max_j |M[c, j]| / 127 / std[c]``.
-        bias: float32 ``[3]``, ``(offset - mean[c]) / std[c]``: the conv's float bias; the integer
-            conv quantizes it to int32 at ``input_scale * weight_scale[c]``.
+        weight: int8 ``[3, 3, 1, 1]``; row ``c`` is ``round(M[c] / r_c)``, ``r_c = max_j |M[c, j]|
+            / 127``, ``M`` the BT.601 YUV -> RGB matrix with rows in output-channel order (the sign
+            of a negative ``std_c`` is folded into the row).
+        weight_scale: float32 ``[3]``, per output channel ``r_c / |std_c|``.
+        bias: float64 ``[3]``, ``(offset - mean_c) / std_c``: the conv's float bias.
+        quantized_bias: int32 ``[3]``, ``round_half_even(bias_c / (input_scale * weight_scale_c))``.
+        multiplier: int64 ``[3]`` and ``shift`` int64 ``[3]``: the requantization
+            ``input_scale * weight_scale_c / output_scale ~= multiplier_c * 2^-shift_c``.
         input_scale: 1.0 (the patched QuantStub passes centered YUV through unchanged).
-        output_scale: ``q_scale``, the scale the model's first layer was converted for.
+        output_scale: ``q_scale`` as float32, the scale the model's first layer was converted for.
     """
 
     weight: Tensor
     weight_scale: Tensor
     bias: Tensor
+    quantized_bias: Tensor
+    multiplier: Tensor
+    shift: Tensor
     input_scale: float
     output_scale: float
+
+
+@functools.lru_cache(maxsize=64)
+def _fixed_point_numbers(
+    swing: str, mean: tuple[float, ...], std: tuple[float, ...], q_scale: float, bgr: bool
+) -> tuple[tuple[tuple[int, ...], ...], tuple[float, ...], tuple[float, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    # Pure Python on purpose: no tensor is created, so the op runs unchanged under torch.jit.trace
+    # and torch.export (ONNX) and the cache never holds traced or fake tensors.
+    matrix = _YUV2RGB_MATRIX[swing][::-1] if bgr else _YUV2RGB_MATRIX[swing]
+    offset = _YUV2RGB_OFFSET[swing]
+    weights, scales, biases, qbiases, mults, shifts = [], [], [], [], [], []
+    for row, m, s in zip(matrix, mean, std):
+        row_scale = max(abs(v) for v in row) / 127.0
+        sign = 1 if s > 0 else -1
+        weights.append(tuple(sign * round(v / row_scale) for v in row))
+        scale = _float32(row_scale / abs(s))
+        bias = (offset - m) / s
+        scales.append(scale)
+        biases.append(bias)
+        qbiases.append(min(max(round(bias / scale), -(2**31)), 2**31 - 1))
+        mult, shift = _multiplier_and_shift(scale / q_scale)
+        mults.append(mult)
+        shifts.append(shift)
+    return tuple(weights), tuple(scales), tuple(biases), tuple(qbiases), tuple(mults), tuple(shifts)
+
+
+def _checked_arguments(swing, mean, std, q_scale):
+    _check_swing(swing)
+    mean_values = _channel_values(mean, "mean")
+    std_values = _channel_values(std, "std")
+    if any(v == 0 for v in std_values):
+        raise ValueError(f"Expected `std` to be non-zero, but got {list(std_values)}.")
+    return mean_values, std_values, _positive_scale(q_scale)
 
 
 def yuv2rgb_fixed_point_params(
@@ -248,27 +307,17 @@ def yuv2rgb_fixed_point_params(
         >>> p.weight[:, :, 0, 0].tolist()
         [[91, 0, 127], [127, -44, -91], [72, 127, 0]]
     """
-    _check_swing(swing)
-    mean_vec = _channel_vector(mean, "mean")
-    std_vec = _channel_vector(std, "std")
-    if (std_vec == 0).any():
-        raise ValueError(f"Expected `std` to be non-zero, but got {std_vec.tolist()}.")
-    out_scale = _positive_scale(q_scale)
-    matrix = torch.tensor(_YUV2RGB_MATRIX[swing], dtype=torch.float64)
-    if bgr:
-        matrix = matrix.flip(0)
-    row_scale = matrix.abs().amax(dim=1) / 127.0
-    weight = torch.round(matrix / row_scale[:, None]).to(torch.int8)
-    # Dividing by a negative std flips the sign of the whole row: keep the int8 weights positive
-    # in that case by negating them and keeping the (positive) scale.
-    sign = torch.sign(std_vec)
-    weight = (weight.to(torch.int16) * sign.to(torch.int16)[:, None]).to(torch.int8)
-    weight_scale = row_scale / std_vec.abs()
-    bias = (_YUV2RGB_OFFSET[swing] - mean_vec) / std_vec
+    mean_values, std_values, out_scale = _checked_arguments(swing, mean, std, q_scale)
+    weight, scale, bias, qbias, mult, shift = _fixed_point_numbers(
+        swing, mean_values, std_values, out_scale, bool(bgr)
+    )
     return YuvToRgbFixedPoint(
-        weight=weight.reshape(3, 3, 1, 1),
-        weight_scale=weight_scale.to(torch.float32),
-        bias=bias.to(torch.float32),
+        weight=torch.tensor(weight, dtype=torch.int8).reshape(3, 3, 1, 1),
+        weight_scale=torch.tensor(scale, dtype=torch.float32),
+        bias=torch.tensor(bias, dtype=torch.float64),
+        quantized_bias=torch.tensor(qbias, dtype=torch.int32),
+        multiplier=torch.tensor(mult, dtype=torch.int64),
+        shift=torch.tensor(shift, dtype=torch.int64),
         input_scale=1.0,
         output_scale=out_scale,
     )
@@ -306,26 +355,27 @@ def _centered_yuv2rgb(
     q_scale: float | Tensor,
     bgr: bool,
 ) -> Tensor:
-    # Everything but the conv itself depends on the arguments only: under torch.jit.trace those
-    # tensors are constants of the trace by design, so the tracer's warnings about them are noise.
+    _check_deploy_input(input, "centered_yuv2bgr" if bgr else "centered_yuv2rgb")
+    mean_values, std_values, out_scale = _checked_arguments(swing, mean, std, q_scale)
+    weight, _, _, qbias, mult, shift = _fixed_point_numbers(
+        swing, mean_values, std_values, out_scale, bool(bgr)
+    )
+    device = input.device
+    # these tensors depend on the arguments only: constants of a jit trace by design
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        _check_deploy_input(input, "centered_yuv2bgr" if bgr else "centered_yuv2rgb")
-        params = yuv2rgb_fixed_point_params(swing, mean, std, q_scale, bgr)
-        accumulator_scale = params.input_scale * params.weight_scale.to(torch.float64)
-        bias = quantize_bias(params.bias, accumulator_scale)
-        multiplier, shift = quantize_multiplier(accumulator_scale / params.output_scale)
-        plan = ConvPlan.build(params.weight, "conv2d", groups=1, activation_dtype=input.dtype)
-    acc = plan.accumulate(input, bias.to(input.device), weight=params.weight.to(input.device))
-    view = (1, 3, 1, 1)
-    return requantize(
-        acc,
-        multiplier.to(input.device).reshape(view),
-        shift.to(input.device).reshape(view),
-        -128,
-        127,
-        torch.int8,
-    )
+        int_weight = torch.tensor(weight, dtype=torch.int8, device=device).reshape(3, 3, 1, 1)
+        int_bias = torch.tensor(qbias, dtype=torch.int64, device=device)
+        view = (1, 3, 1, 1)
+        multiplier = torch.tensor(mult, dtype=torch.int64, device=device).reshape(view)
+        right_shift = torch.tensor(shift, dtype=torch.int64, device=device).reshape(view)
+        # 2^(n-1) rounding offsets from Python ints: no tensor shift-left to trace or export
+        offset = torch.tensor([1 << (n - 1) if n > 0 else 0 for n in shift], device=device)
+    # |sum| <= 3 * 127 * 255 < 2^24: one float32 chunk is exact for int8 and int16 (byte-split)
+    # inputs, so the plan is spelled out instead of measured from the weight (ConvPlan.build).
+    plan = ConvPlan("conv2d", int_weight, 1, 3, [(0, 3)], [int_weight.to(torch.float32)])
+    acc = plan.accumulate(input, int_bias)
+    return requantize(acc, multiplier, right_shift, -128, 127, torch.int8, offset.reshape(view))
 
 
 def centered_yuv2rgb(

@@ -1,0 +1,173 @@
+"""``split_stages``: cut a converted model into stages deployed separately (segmented deployment).
+
+The chapter's recipe ("模型分段部署"): before prepare, put ``QuantStub(scale=None)`` right after
+each split point; train and convert the model as a whole; the stub records the next stage's input
+scale. Then split here. Stages follow the graph (forward) order: stage ``k`` holds the nodes from
+split point ``at[k-1]`` (included) up to ``at[k]`` (excluded). A stage takes, as inputs, the values
+it uses from earlier stages or from the model's inputs, and returns, as a tuple, the values later
+stages or the model's output use. Values crossing a boundary must be float (end a stage with a
+DeQuantStub; start the next with the split QuantStub, which quantizes with its stored scale), so
+every stage runs and traces with float example inputs, and running the stages in sequence
+(:func:`run_stages`) equals running the whole model bit for bit.
+
+Example:
+    >>> import torch
+    >>> from hq_lightning.quantization import QuantStub, DeQuantStub, prepare_qat_fx, convert_fx
+    >>> from hq_lightning.quantization.qconfig import default_qat_8bit_fake_quant_qconfig
+    >>> class Net(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.quant, self.dequant = QuantStub(), DeQuantStub()
+    ...         self.conv1, self.conv2 = torch.nn.Conv2d(3, 4, 1), torch.nn.Conv2d(4, 2, 1)
+    ...         self.split, self.dequant2 = QuantStub(scale=None), DeQuantStub()
+    ...     def forward(self, x):
+    ...         y = self.dequant(self.conv1(self.quant(x))).sigmoid()  # float step between
+    ...         return self.dequant2(self.conv2(self.split(y)))
+    >>> qat = prepare_qat_fx(Net(), {"": default_qat_8bit_fake_quant_qconfig})
+    >>> _ = qat(torch.rand(2, 3, 4, 4))
+    >>> int_model = convert_fx(qat)
+    >>> first, second = split_stages(int_model, at=["split"])
+    >>> x = torch.rand(1, 3, 4, 4)
+    >>> torch.equal(run_stages([first, second], x), int_model(x))
+    True
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import fx
+
+__all__ = ["split_stages", "run_stages", "check_float_boundary"]
+
+
+@torch.fx.wrap
+def check_float_boundary(value: Any, name: str) -> Any:
+    """Pass ``value`` through; raise if a tensor crossing stages is an integer (quantized) tensor."""
+    if isinstance(value, torch.Tensor) and not (
+        value.is_floating_point() or value.dtype == torch.bool
+    ):
+        raise TypeError(
+            f"Expected the value `{name}` crossing a stage boundary to be a float tensor, but got "
+            f"{value.dtype}. End the earlier stage with a DeQuantStub and start the next one with "
+            "a QuantStub(scale=None) (inserted before prepare), or split at another point."
+        )
+    return value
+
+
+def _split_indices(nodes: list[fx.Node], model: fx.GraphModule, at: Sequence[str]) -> list[int]:
+    by_name = {n.name: i for i, n in enumerate(nodes)}
+    by_target = {
+        str(n.target): i for i, n in enumerate(nodes) if n.op == "call_module"
+    }
+    indices = []
+    for point in at:
+        index = by_target.get(point, by_name.get(point))
+        if index is None or nodes[index].op in ("placeholder", "output"):
+            valid = [n.name for n in nodes if n.op not in ("placeholder", "output")]
+            raise ValueError(
+                f"Expected each split point in `at` to name a QuantStub (module path) or a node of "
+                f"the converted graph, one of {valid}, but got {point!r}."
+            )
+        indices.append(index)
+    if indices != sorted(set(indices)):
+        raise ValueError(
+            f"Expected the split points {list(at)} to be distinct and in forward order, but got "
+            f"graph positions {indices}."
+        )
+    return indices
+
+
+def split_stages(model: fx.GraphModule, at: Sequence[str] | str) -> list[fx.GraphModule]:
+    """Split a converted model at ``at`` into ``len(at) + 1`` runnable, traceable stages.
+
+    Args:
+        model: a converted GraphModule (not modified; the stages hold copies of its modules).
+        at: split points in forward order: QuantStub module paths (``"quant_roi"``) or node names
+            of the graph (e.g. a wrapped CPU-side function, ``"decode_topk_boxes"``).
+
+    Returns:
+        GraphModules, one per stage. Each has ``stage_inputs`` (names of the values it takes, in
+        argument order), ``stage_outputs`` (names of the values it returns, as a tuple) and
+        ``model_inputs`` (the whole model's argument names), which :func:`run_stages` uses. The
+        last stage returns what the whole model returns.
+
+    Raises:
+        TypeError: ``model`` is not a GraphModule.
+        ValueError: a split point is unknown or out of order.
+    """
+    if not isinstance(model, fx.GraphModule):
+        raise TypeError(
+            f"Expected `model` to be a converted torch.fx.GraphModule, but got {type(model).__name__}."
+        )
+    points = [at] if isinstance(at, str) else list(at)
+    if not points:
+        raise ValueError("Expected `at` to name at least one split point, but got none.")
+    model = copy.deepcopy(model)
+    nodes = list(model.graph.nodes)
+    cuts = _split_indices(nodes, model, points)
+    stage_of = {node: sum(1 for c in cuts if c <= i) for i, node in enumerate(nodes)}
+    output_node = next(n for n in nodes if n.op == "output")
+    last = len(cuts)
+    # needed_by[v]: the stages that use value v without producing it
+    needed_by: dict[fx.Node, set[int]] = {}
+    for node in nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        for used in node.all_input_nodes:
+            if used.op == "placeholder" or stage_of[used] != stage_of[node]:
+                needed_by.setdefault(used, set()).add(stage_of[node])
+    for used in output_node.all_input_nodes:  # the last stage returns the model's output
+        if used.op == "placeholder" or stage_of[used] != last:
+            needed_by.setdefault(used, set()).add(last)
+    model_inputs = [n.name for n in nodes if n.op == "placeholder"]
+    stages = []
+    for k in range(last + 1):
+        members = [n for n in nodes if n.op not in ("placeholder", "output") and stage_of[n] == k]
+        inputs = [v for v in nodes if k in needed_by.get(v, ())]
+        outputs = [n for n in members if any(s > k for s in needed_by.get(n, ()))]
+        graph = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        for value in inputs:
+            placeholder = graph.placeholder(value.name)
+            placeholder.meta.update(value.meta)
+            env[value] = (
+                placeholder
+                if value.op == "placeholder"
+                else graph.call_function(check_float_boundary, (placeholder, value.name))
+            )
+        for node in members:
+            env[node] = graph.node_copy(node, env.__getitem__)
+        if k == last:
+            graph.output(fx.node.map_arg(output_node.args[0], env.__getitem__))
+        else:
+            graph.output(tuple(env[n] for n in outputs))
+        stage = fx.GraphModule(model, graph, class_name=f"Stage{k}")
+        stage.model_inputs = model_inputs
+        stage.stage_inputs = [v.name for v in inputs]
+        stage.stage_outputs = [n.name for n in outputs] if k < last else []
+        stages.append(stage)
+    return stages
+
+
+def run_stages(stages: Sequence[fx.GraphModule], *args: Any) -> Any:
+    """Run stages from :func:`split_stages` in sequence on the whole model's inputs.
+
+    Returns:
+        What the whole model returns.
+    """
+    if not stages:
+        raise ValueError("Expected at least one stage, but got none.")
+    if not all(hasattr(stage, "stage_inputs") for stage in stages):
+        raise TypeError("Expected stages returned by `split_stages`, but got another module.")
+    env: dict[str, Any] = dict(zip(stages[0].model_inputs, args))
+    result: Any = None
+    for stage in stages:
+        values = [env[name] for name in stage.stage_inputs]
+        result = stage(*values)
+        if stage is not stages[-1]:
+            env.update(zip(stage.stage_outputs, result))
+    return result
