@@ -6,7 +6,7 @@ A matched chain ``conv [-> bn] [-> add] [-> relu/relu6]`` (see
 
 - Name: the add's FloatFunctional (``_generated_add_0``) when the chain has an add, otherwise the
   last module of the chain (the ReLU module, else the BN, else the conv itself when the activation
-  is functional). The other modules of the chain become ``nn.Identity`` in place (a ReLU module
+  is functional or its module is also called elsewhere). The other modules of the chain become ``nn.Identity`` in place (a ReLU module
   still called elsewhere is left as it is and a copy goes into the fused module).
 - ``fold_bn=True``: the BN's running statistics are folded into the conv's weight and bias
   (eval semantics) and the fused module has no ``bn``; conv+bn alone becomes the folded conv
@@ -233,7 +233,11 @@ def _apply(gm: QuantGraphModule, match: _Match, sites: dict[str, int], fold_bn: 
             name = receiver.target
         else:
             name = _free_generated_name(gm, "add")
-    elif match.act is not None and match.act.op == "call_module":
+    elif (
+        match.act is not None
+        and match.act.op == "call_module"
+        and sites.get(match.act.target) == 1
+    ):
         name = match.act.target
     elif match.bn is not None:
         name = match.bn.target

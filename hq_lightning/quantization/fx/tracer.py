@@ -5,7 +5,8 @@ What it adds to ``torch.fx.Tracer``:
 - Leaves (recorded as one ``call_module``, never traced into): torch.nn modules except
   ``Sequential``, every module class of ``hq_lightning.nn`` (FloatFunctional, nn.intrinsic,
   nn.qat, nn.quantized), our and torch's ``QuantStub``/``DeQuantStub``, torch's
-  ``FloatFunctional`` and classes decorated with :func:`hq_lightning.utils.fx_helper.wrap`.
+  ``FloatFunctional``, classes decorated with :func:`hq_lightning.utils.fx_helper.wrap` and
+  module types named in the fusion table (``register_fusion_pattern``).
 - ``wrap``: functions (string or decorator form) and methods become one ``call_function``; a
   wrapped method's ``self`` is ``get_attr("_hq_root")`` for the root, or ``get_attr(<path>)``.
 - FloatFunctional methods (ours, and torch's, recognised by class name) become
@@ -68,6 +69,14 @@ def is_float_functional(module: object) -> bool:
     return isinstance(module, FloatFunctional) or _is_torch_float_functional(module)
 
 
+def _in_fusion_table(module: nn.Module) -> bool:
+    # A user's own conv/BN/activation type registered for fusion must stay one call_module.
+    from hq_lightning.quantization.fx.patterns import FUSION_PATTERNS
+
+    cls = type(module)
+    return any(cls in key for key in FUSION_PATTERNS)
+
+
 def _is_torch_float_functional(module: object) -> bool:
     cls = type(module)
     return cls.__name__ == "FloatFunctional" and cls.__module__.startswith(_TORCH_FF_MODULES)
@@ -110,7 +119,7 @@ class QuantizationTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if fx_helper.is_wrapped_module_class(m) or is_quant_stub(m) or is_dequant_stub(m):
             return True
-        if is_float_functional(m):
+        if is_float_functional(m) or _in_fusion_table(m):
             return True
         module_name = type(m).__module__
         if module_name.startswith("hq_lightning.nn"):
