@@ -1,0 +1,80 @@
+"""Copy weights into a calibration prepare, and calibrated fake-quant state back to the QAT model."""
+
+import torch
+from torch import nn
+
+from hq_lightning.quantization.fake_quantize import FakeQuantize
+
+
+def fake_quant_names(model: nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if isinstance(module, FakeQuantize)]
+
+
+def _is_fake_quant_key(key: str, prefixes: list[str]) -> bool:
+    return any(key.startswith(prefix + ".") for prefix in prefixes)
+
+
+def copy_float_state(source: nn.Module, target: nn.Module) -> None:
+    """Loads every non-fake-quant entry (weights, BN statistics) of ``source`` into ``target``.
+
+    Both are prepares of the same float model, so the names of weights and BN buffers agree.
+    """
+    target_fq = fake_quant_names(target)
+    source_state = source.state_dict()
+    wanted = {}
+    for key, value in target.state_dict().items():
+        if _is_fake_quant_key(key, target_fq):
+            continue
+        if key not in source_state or source_state[key].shape != value.shape:
+            raise RuntimeError(
+                f"Expected the calibration prepare and the QAT prepare to share `{key}` of shape "
+                f"{tuple(value.shape)}, but the QAT model has "
+                f"{tuple(source_state[key].shape) if key in source_state else 'no such entry'}: "
+                "give both qconfig trees the same skipped (None) modules."
+            )
+        wanted[key] = source_state[key]
+    target.load_state_dict(wanted, strict=False)
+
+
+def _assign(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    current = module._buffers[name]
+    if current.shape == value.shape:
+        current.copy_(value)
+    else:
+        module._buffers[name] = value.detach().clone().to(device=current.device, dtype=current.dtype)
+
+
+@torch.no_grad()
+def copy_calibration_state(calibrated: nn.Module, live: nn.Module) -> list[str]:
+    """Copies scales and observer statistics of every FakeQuantize of ``calibrated`` into ``live``.
+
+    When both observers have the same class, its whole state is copied. Otherwise a moving-average
+    min/max observer of ``live`` is seeded with the calibrated symmetric range ``[-amax, amax]``,
+    so that QAT continues from the calibrated scale instead of restarting from its first batch.
+
+    Returns:
+        the names of the FakeQuantize modules that received a calibrated state.
+    """
+    copied = []
+    live_modules = dict(live.named_modules())
+    for name in fake_quant_names(calibrated):
+        source = calibrated.get_submodule(name)
+        target = live_modules.get(name)
+        if not isinstance(target, FakeQuantize):
+            raise RuntimeError(
+                f"Expected the QAT model to have a FakeQuantize at `{name}` as the calibration model "
+                f"does, but got {type(target).__name__ if target is not None else 'nothing'}: give both "
+                "qconfig trees the same skipped (None) modules."
+            )
+        src_obs, dst_obs = source.activation_post_process, target.activation_post_process
+        if not getattr(src_obs, "initialized", True):
+            continue
+        _assign(target, "scale", source.scale)
+        _assign(target, "zero_point", source.zero_point)
+        if type(src_obs) is type(dst_obs):
+            dst_obs.load_state_dict(src_obs.state_dict())
+        elif "min_val" in dst_obs._buffers and "max_val" in dst_obs._buffers:
+            amax = src_obs.calculate_amax().float()
+            dst_obs.load_state_dict({"min_val": -amax, "max_val": amax.clone()}, strict=False)
+        copied.append(name)
+    return copied

@@ -1,0 +1,566 @@
+"""``QuantizationCallback``: float -> calibration -> QAT -> converted, inside one ``trainer.fit``.
+
+How it stays compatible with Lightning (each point fixes a complaint users have about QAT
+callbacks):
+
+* Only a chosen submodule (``submodule="model"``, dotted paths allowed) is traced and replaced;
+  the LightningModule and its ``forward`` are never touched, so keyword arguments, the loss and
+  post-processing keep working.
+* The replacement happens in ``setup``, the one hook before weights are restored, the model is
+  moved and wrapped by DDP and the optimizer is built. The submodule is replaced by its QAT
+  prepare from the start (``qat_mode="with_bn"`` keeps BN exactly float), and the float phase runs
+  it in ``FakeQuantState.FLOAT``. Phases then only switch fake-quant states and fill buffers: no
+  parameter is ever added or removed, so DDP, optimizers and strict checkpoint loading work in
+  every phase.
+* Calibration uses its own prepare (calibration qconfig) of a copy of the float submodule with the
+  live weights, and copies the calibrated scales and statistics into the QAT model afterwards;
+  the two qconfig kinds are never mixed in one prepared model.
+* Validation (including sanity checks) runs in ``VALIDATION`` state: observers never move.
+* When resuming (``trainer.ckpt_path``), ``setup`` reads this callback's state from the
+  checkpoint, so the right phase is in place before Lightning restores the weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback, Checkpoint, EarlyStopping
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from hq_lightning.callbacks._fake_quant_transfer import copy_calibration_state, copy_float_state
+from hq_lightning.callbacks._metrics_table import render_metrics_table
+from hq_lightning.callbacks._qconfig_checks import (
+    check_no_qconfig_attributes,
+    check_qconfig_kind,
+)
+from hq_lightning.callbacks._submodule import get_submodule, set_submodule
+from hq_lightning.march import as_march, march_context
+from hq_lightning.quantization.fake_quantize import FakeQuantize
+from hq_lightning.quantization.qconfig import (
+    default_calib_8bit_fake_quant_qconfig,
+    default_qat_8bit_fake_quant_qconfig,
+)
+from hq_lightning.quantization.state import FakeQuantState, set_fake_quantize
+
+__all__ = ["QuantizationCallback", "default_calibration_step"]
+
+PHASES = ("float", "calibration", "qat", "done")
+_EXPORTS = ("torchscript", "onnx")
+_INPUT_KEYS = ("img", "x", "input")
+_PREFIXES = ("float/", "calibration/", "qat/", "quantized/")
+
+
+def batch_inputs(batch: Any) -> Any:
+    """The model input of a batch: ``batch[0]`` of a tuple/list, ``batch["img"|"x"|"input"]`` of a dict."""
+    if isinstance(batch, (tuple, list)):
+        if not batch:
+            raise ValueError("Expected a non-empty tuple/list batch, but got an empty one.")
+        return batch[0]
+    if isinstance(batch, dict):
+        for key in _INPUT_KEYS:
+            if key in batch:
+                return batch[key]
+        raise KeyError(
+            f"Expected a dict batch to hold the input under one of {_INPUT_KEYS}, but got keys "
+            f"{sorted(batch)}: pass `calibration_step=` or define `calibration_step` on the module."
+        )
+    return batch
+
+
+def default_calibration_step(pl_module: pl.LightningModule, batch: Any) -> None:
+    """Runs ``pl_module(inputs)`` where ``inputs`` comes from :func:`batch_inputs`."""
+    pl_module(batch_inputs(batch))
+
+
+class QuantizationCallback(Callback):
+    """Quantize one submodule of a LightningModule through float, calibration, QAT and conversion.
+
+    Schedule (epochs count from 0): epochs ``< float_epochs`` train float; at the start of epoch
+    ``float_epochs`` the submodule is calibrated over ``calibration_batches`` batches (unless
+    ``calibration_qconfig`` is None) and evaluated once; the remaining epochs train in QAT
+    (``qat_qconfig=None``: no QAT, training stops after calibration); at the end of fit a copy is
+    converted, validated with the module's own ``validation_step`` and exported.
+
+    Args:
+        submodule: dotted attribute path of the part to quantize (it must be traceable by torch.fx
+            and usually holds the QuantStub/DeQuantStub pair).
+        march: march the fake quants are built for; ``None`` keeps ``get_march()``.
+        calibration_qconfig: QConfig or qconfig tree of calibration kind; ``None`` skips calibration.
+        qat_qconfig: QConfig or qconfig tree of QAT kind; ``None`` is post-training quantization.
+        float_epochs: float epochs before calibration.
+        calibration_batches: number of batches fed during calibration.
+        calibration_dataloader: ``"train"``, ``"val"`` or an iterable of batches.
+        freeze_observers_at_epoch: from this epoch on, QAT keeps its scales fixed.
+        freeze_bn_at_epoch: from this epoch on, BN running statistics stop updating.
+        qat_mode: passed to ``prepare_qat_fx``; ``"with_bn"`` is needed for float epochs.
+        convert_at_end: convert, validate and export at the end of fit.
+        output_dir: directory of the exported files (default ``<trainer.log_dir>/quantized``).
+        export: any of ``"torchscript"``, ``"onnx"``.
+        example_input: input(s) of the submodule for tracing; default: the first input it sees
+            while the converted model is validated.
+        calibration_step: ``fn(pl_module, batch)`` running one calibration forward; default: the
+            module's ``calibration_step`` method if it has one, else :func:`default_calibration_step`.
+        metrics: names of the validation metrics copied under each phase prefix; ``None``: every
+            metric logged by the validation run.
+
+    Attributes:
+        phase: ``"float"``, ``"calibration"``, ``"qat"`` or ``"done"``.
+        metrics_table: ``{phase: {metric: value}}`` of the last validation of each phase.
+        quantized_model: the converted submodule (a GraphModule) after fit.
+
+    Example:
+        >>> from hq_lightning.qconfig import default_qat_8bit_fake_quant_qconfig
+        >>> callback = QuantizationCallback("model", float_epochs=2,
+        ...                                 qat_qconfig=default_qat_8bit_fake_quant_qconfig)
+        >>> callback.phase
+        'float'
+    """
+
+    def __init__(
+        self,
+        submodule: str = "model",
+        march: Any = None,
+        calibration_qconfig: Any = default_calib_8bit_fake_quant_qconfig,
+        qat_qconfig: Any = default_qat_8bit_fake_quant_qconfig,
+        float_epochs: int = 0,
+        calibration_batches: int = 32,
+        calibration_dataloader: str | Iterable = "train",
+        freeze_observers_at_epoch: int | None = None,
+        freeze_bn_at_epoch: int | None = None,
+        qat_mode: str = "with_bn",
+        convert_at_end: bool = True,
+        output_dir: str | os.PathLike | None = None,
+        export: Sequence[str] = ("torchscript",),
+        example_input: Any = None,
+        calibration_step: Callable[[pl.LightningModule, Any], Any] | None = None,
+        metrics: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(submodule, str) or not submodule:
+            raise ValueError(f"Expected `submodule` to be a non-empty attribute path, but got {submodule!r}.")
+        self.submodule = submodule
+        self.march = None if march is None else as_march(march)
+        if calibration_qconfig is None and qat_qconfig is None:
+            raise ValueError(
+                "Expected at least one of `calibration_qconfig` and `qat_qconfig` to be set, but got "
+                "None for both: there would be nothing to quantize."
+            )
+        check_qconfig_kind(calibration_qconfig, "calibration_qconfig", "calibration")
+        check_qconfig_kind(qat_qconfig, "qat_qconfig", "qat")
+        self.calibration_qconfig = calibration_qconfig
+        self.qat_qconfig = qat_qconfig
+        self.float_epochs = _check_int(float_epochs, "float_epochs", 0)
+        self.calibration_batches = _check_int(calibration_batches, "calibration_batches", 1)
+        if isinstance(calibration_dataloader, str):
+            if calibration_dataloader not in ("train", "val"):
+                raise ValueError(
+                    "Expected `calibration_dataloader` to be 'train', 'val' or an iterable of batches, "
+                    f"but got {calibration_dataloader!r}."
+                )
+        elif not isinstance(calibration_dataloader, Iterable):
+            raise TypeError(
+                "Expected `calibration_dataloader` to be 'train', 'val' or an iterable of batches, but "
+                f"got {type(calibration_dataloader).__name__}."
+            )
+        elif hasattr(calibration_dataloader, "__len__") and len(calibration_dataloader) == 0:
+            raise ValueError("Expected `calibration_dataloader` to yield batches, but it is empty.")
+        self.calibration_dataloader = calibration_dataloader
+        self.freeze_observers_at_epoch = _check_optional_int(freeze_observers_at_epoch, "freeze_observers_at_epoch")
+        self.freeze_bn_at_epoch = _check_optional_int(freeze_bn_at_epoch, "freeze_bn_at_epoch")
+        if qat_mode != "with_bn" and self.float_epochs > 0:
+            raise ValueError(
+                f"Expected `qat_mode='with_bn'` when `float_epochs > 0` (only then the prepared model "
+                f"trains exactly like the float one in the float phase), but got {qat_mode!r}."
+            )
+        self.qat_mode = qat_mode
+        self.convert_at_end = bool(convert_at_end)
+        self.output_dir = output_dir
+        export = (export,) if isinstance(export, str) else tuple(export or ())
+        unknown = [e for e in export if e not in _EXPORTS]
+        if unknown:
+            raise ValueError(f"Expected `export` entries from {_EXPORTS}, but got {unknown}.")
+        self.export = export
+        self.example_input = example_input
+        if calibration_step is not None and not callable(calibration_step):
+            raise TypeError(f"Expected `calibration_step` to be callable or None, but got {calibration_step!r}.")
+        self.calibration_step = calibration_step
+        self.metrics = None if metrics is None else tuple(metrics)
+
+        self.phase = "float"
+        self.calibrated = False
+        self.metrics_table: dict[str, dict[str, float]] = {}
+        self.quantized_model: nn.Module | None = None
+        self.exported_files: dict[str, str] = {}
+        self._live: nn.Module | None = None
+        self._float_template: nn.Module | None = None
+        self._metrics_label: str | None = None
+        self._metrics_before: dict[str, Any] = {}
+        self._state_dirty = False
+        self._captured_input: tuple | None = None
+        self._module: pl.LightningModule | None = None
+
+    # ------------------------------------------------------------------ state
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(submodule=self.submodule)
+
+    @property
+    def ptq_only(self) -> bool:
+        return self.qat_qconfig is None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "phase": self.phase,
+            "calibrated": self.calibrated,
+            "float_epochs": self.float_epochs,
+            "metrics_table": copy.deepcopy(self.metrics_table),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        phase = state_dict.get("phase")
+        if phase not in PHASES:
+            raise ValueError(f"Expected a checkpointed `phase` in {PHASES}, but got {phase!r}.")
+        # a checkpoint written during calibration holds the pre-calibration weights: redo it
+        self.phase = "float" if phase == "calibration" else phase
+        self.calibrated = bool(state_dict.get("calibrated", False))
+        self.metrics_table = copy.deepcopy(state_dict.get("metrics_table", {}))
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        current = get_submodule(pl_module, self.submodule)
+        if self._live is not None and current is self._live:
+            return  # already prepared (e.g. trainer.test after trainer.fit)
+        check_no_qconfig_attributes(current, self.submodule)
+        self._restore_state_from_checkpoint(trainer)
+        live_qconfig = self.calibration_qconfig if self.ptq_only else self.qat_qconfig
+        if stage == "fit" and self.calibration_qconfig is not None and not self.calibrated:
+            self._float_template = copy.deepcopy(current)
+        live = self._prepare(current, live_qconfig)
+        set_submodule(pl_module, self.submodule, live)
+        self._live = live
+        self._module = pl_module
+        set_fake_quantize(live, FakeQuantState.FLOAT)
+
+    def _restore_state_from_checkpoint(self, trainer: pl.Trainer) -> None:
+        ckpt_path = getattr(trainer, "ckpt_path", None)
+        if not ckpt_path:
+            return
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        if state is None:
+            raise RuntimeError(
+                f"Expected checkpoint {str(ckpt_path)!r} to hold the state of {self.state_key}, but it "
+                "has none: it was saved without this callback (or with save_weights_only=True). Load "
+                "float weights into the module before `trainer.fit(module)` instead of passing ckpt_path."
+            )
+        self.load_state_dict(state)
+
+    def _prepare(self, module: nn.Module, qconfig: Any) -> nn.Module:
+        from hq_lightning.quantization import prepare_qat_fx
+
+        context = march_context(self.march) if self.march is not None else contextlib.nullcontext()
+        try:
+            with context:
+                return prepare_qat_fx(module, qconfig, qat_mode=self.qat_mode)
+        except Exception as err:
+            raise RuntimeError(
+                f"Expected submodule `{self.submodule}` ({type(module).__name__}) to be traceable and "
+                f"preparable by prepare_qat_fx, but it failed with {type(err).__name__}: {err}\nFix: "
+                "wrap untraceable code with hq_lightning.utils.fx_helper.wrap, or point `submodule` at "
+                "the traceable part (e.g. the backbone)."
+            ) from err
+
+    # ------------------------------------------------------------------ fit
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.phase == "float" and self.calibration_qconfig is not None:
+            self._calibration_loader(trainer)  # fail now, not after the float epochs
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.phase == "float" and trainer.current_epoch >= self.float_epochs:
+            self._leave_float_phase(trainer, pl_module)
+            if self.ptq_only:
+                trainer.should_stop = True  # post-training quantization: no QAT epochs
+        self._apply_training_state(trainer)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._state_dirty:
+            self._apply_training_state(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.phase == "float":
+            if self.calibration_qconfig is None:
+                rank_zero_warn(
+                    "QuantizationCallback: training ended in the float phase without calibration; "
+                    "nothing is converted. Set max_epochs > float_epochs or give a calibration_qconfig."
+                )
+                return
+            self._leave_float_phase(trainer, pl_module)
+        if self.convert_at_end:
+            self._convert_evaluate_export(trainer, pl_module)
+        self.phase = "done"
+        if self.metrics_table:
+            rank_zero_info(render_metrics_table(self.metrics_table))
+
+    def _leave_float_phase(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.calibration_qconfig is not None:
+            self.phase = "calibration"
+            self._calibrate(trainer, pl_module)
+            self.calibrated = True
+            self._evaluate(trainer, "calibration")
+        self.phase = "calibration" if self.ptq_only else "qat"
+
+    def _apply_training_state(self, trainer: pl.Trainer) -> None:
+        live = self._live
+        self._state_dirty = False
+        if live is None:
+            return
+        if self.phase == "float":
+            set_fake_quantize(live, FakeQuantState.FLOAT)
+            return
+        if not live.training:  # the user froze the whole submodule: keep it evaluating
+            set_fake_quantize(live, FakeQuantState.VALIDATION)
+            return
+        set_fake_quantize(live, FakeQuantState.QAT)
+        epoch = trainer.current_epoch
+        if self.freeze_observers_at_epoch is not None and epoch >= self.freeze_observers_at_epoch:
+            for module in live.modules():
+                if isinstance(module, FakeQuantize):
+                    module.disable_observer()
+        if self.freeze_bn_at_epoch is not None and epoch >= self.freeze_bn_at_epoch:
+            for module in live.modules():
+                if isinstance(module, _BatchNorm):
+                    module.eval()
+
+    # ------------------------------------------------------------------ calibration
+    def _calibration_loader(self, trainer: pl.Trainer) -> Iterable:
+        source = self.calibration_dataloader
+        if source == "train":
+            loader = trainer.train_dataloader
+        elif source == "val":
+            loop = trainer.fit_loop.epoch_loop.val_loop
+            loop.setup_data()
+            loader = trainer.val_dataloaders
+            if isinstance(loader, (list, tuple)):
+                loader = loader[0] if loader else None
+        else:
+            loader = source
+        length = _safe_len(loader)
+        if loader is None or length == 0:
+            raise ValueError(
+                f"Expected the calibration dataloader ({source if isinstance(source, str) else 'given'}) "
+                "to yield batches, but it is empty: check the datamodule or pass "
+                "`calibration_dataloader=` a loader with data."
+            )
+        return loader
+
+    def _calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        loader = self._calibration_loader(trainer)
+        if self.ptq_only:
+            model = self._live
+        else:
+            model = self._prepare(copy.deepcopy(self._float_template), self.calibration_qconfig)
+            copy_float_state(self._live, model)
+            model.to(pl_module.device)
+        step = self._calibration_step_fn(pl_module)
+        modes = {module: module.training for module in pl_module.modules()}
+        total = min(self.calibration_batches, _safe_len(loader) or self.calibration_batches)
+        seen = 0
+        try:
+            if model is not self._live:
+                set_submodule(pl_module, self.submodule, model)
+            pl_module.eval()
+            set_fake_quantize(model, FakeQuantState.CALIBRATION)
+            bar = _progress(trainer, total)
+            with torch.no_grad(), trainer.precision_plugin.forward_context():
+                for batch_idx, batch in enumerate(loader):
+                    if batch_idx >= total:
+                        break
+                    batch = pl_module._apply_batch_transfer_handler(batch, device=pl_module.device)
+                    step(pl_module, batch)
+                    seen += 1
+                    if bar is not None:
+                        bar.update(1)
+            if bar is not None:
+                bar.close()
+        finally:
+            set_submodule(pl_module, self.submodule, self._live)
+            for module, training in modes.items():
+                module.train(training)
+        if seen == 0:
+            raise ValueError("Expected the calibration dataloader to yield batches, but it yielded none.")
+        if model is not self._live:
+            copy_calibration_state(model, self._live)
+        self._float_template = None
+
+    def _calibration_step_fn(self, pl_module: pl.LightningModule) -> Callable:
+        if self.calibration_step is not None:
+            return self.calibration_step
+        method = getattr(pl_module, "calibration_step", None)
+        if callable(method):
+            return lambda module, batch: method(batch)
+        return default_calibration_step
+
+    # ------------------------------------------------------------------ validation / test
+    def _set_eval_state(self) -> None:
+        live = self._live
+        if live is None or get_submodule(self._module, self.submodule) is not live:
+            return  # the converted model is being evaluated
+        live.eval()
+        state = FakeQuantState.FLOAT if self.phase == "float" else FakeQuantState.VALIDATION
+        set_fake_quantize(live, state)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._module = pl_module
+        self._metrics_before = dict(trainer.callback_metrics)
+        self._set_eval_state()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._state_dirty = True
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        label = self._metrics_label or ("float" if self.phase == "float" else self.phase)
+        before = self._metrics_before
+        new = {
+            name: value
+            for name, value in trainer.callback_metrics.items()
+            if (name not in before or before[name] is not value)
+            and not name.startswith(_PREFIXES)
+        }
+        if self.metrics is not None:
+            new = {name: value for name, value in new.items() if name in self.metrics}
+        if not new:
+            return
+        self.metrics_table[label] = {name: float(value) for name, value in new.items()}
+        prefixed = {f"{label}/{name}": value for name, value in new.items()}
+        trainer.callback_metrics.update(prefixed)
+        for logger in trainer.loggers:
+            logger.log_metrics({k: float(v) for k, v in prefixed.items()}, step=trainer.global_step)
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._module = pl_module
+        self._set_eval_state()
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._module = pl_module
+        self._set_eval_state()
+
+    def _evaluate(self, trainer: pl.Trainer, label: str) -> None:
+        """Runs the fit's validation loop once outside the schedule, its metrics under ``label``."""
+        loop = trainer.fit_loop.epoch_loop.val_loop
+        callbacks = trainer.callbacks
+        # a checkpoint or early stop must not act on an extra, out-of-schedule validation
+        trainer.callbacks = [cb for cb in callbacks if not isinstance(cb, (Checkpoint, EarlyStopping))]
+        first_loop_iter = trainer._logger_connector._first_loop_iter
+        self._metrics_label = label
+        try:
+            trainer.validating = True
+            loop.run()
+        finally:
+            self._metrics_label = None
+            trainer.training = True
+            trainer._logger_connector._first_loop_iter = first_loop_iter
+            trainer.callbacks = callbacks
+
+    # ------------------------------------------------------------------ conversion
+    def _convert_evaluate_export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from hq_lightning.quantization import convert_fx
+
+        qat_model = copy.deepcopy(self._live)
+        qat_model.eval()
+        set_fake_quantize(qat_model, FakeQuantState.VALIDATION)
+        context = march_context(self.march) if self.march is not None else contextlib.nullcontext()
+        with context:
+            quantized = convert_fx(qat_model)
+        quantized.eval()
+        self.quantized_model = quantized
+        hook = quantized.register_forward_pre_hook(self._capture_input, with_kwargs=True)
+        set_submodule(pl_module, self.submodule, quantized)
+        try:
+            self._evaluate(trainer, "quantized")
+        finally:
+            hook.remove()
+            set_submodule(pl_module, self.submodule, self._live)
+        quantized.cpu()
+        if trainer.is_global_zero:
+            self._export(trainer)
+
+    def _capture_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._captured_input is None and not kwargs:
+            self._captured_input = tuple(
+                a.detach().cpu()[:1] if isinstance(a, torch.Tensor) else a for a in args
+            )
+
+    def _example_inputs(self) -> tuple:
+        example = self.example_input if self.example_input is not None else self._captured_input
+        if example is None:
+            raise RuntimeError(
+                "Expected an example input to trace the converted model, but the validation run saw "
+                "none: pass `example_input=` (a tensor or tuple of tensors)."
+            )
+        return example if isinstance(example, tuple) else (example,)
+
+    def resolve_output_dir(self, trainer: pl.Trainer) -> str:
+        """The directory the exports go to."""
+        if self.output_dir is not None:
+            return os.fspath(self.output_dir)
+        return os.path.join(trainer.log_dir or trainer.default_root_dir, "quantized")
+
+    def _export(self, trainer: pl.Trainer) -> None:
+        directory = self.resolve_output_dir(trainer)
+        os.makedirs(directory, exist_ok=True)
+        model = self.quantized_model
+        state_path = os.path.join(directory, "quantized_state_dict.pt")
+        torch.save(model.state_dict(), state_path)
+        self.exported_files["state_dict"] = state_path
+        if not self.export:
+            return
+        inputs = tuple(x.cpu() if isinstance(x, torch.Tensor) else x for x in self._example_inputs())
+        if "torchscript" in self.export:
+            path = os.path.join(directory, "quantized.pt")
+            with torch.no_grad():
+                torch.jit.trace(model, inputs, check_trace=False).save(path)
+            self.exported_files["torchscript"] = path
+        if "onnx" in self.export:
+            path = os.path.join(directory, "quantized.onnx")
+            try:
+                torch.onnx.export(model, inputs, path, dynamo=False)
+            except Exception as err:
+                raise RuntimeError(
+                    f"Expected the converted `{self.submodule}` to export to ONNX, but it failed with "
+                    f"{type(err).__name__}: {err}. Drop 'onnx' from `export` to keep TorchScript only."
+                ) from err
+            self.exported_files["onnx"] = path
+
+
+def _check_int(value: Any, name: str, minimum: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"Expected `{name}` to be an int >= {minimum}, but got {value!r}.")
+    return value
+
+
+def _check_optional_int(value: Any, name: str) -> int | None:
+    return None if value is None else _check_int(value, name, 0)
+
+
+def _safe_len(loader: Any) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:
+        return None
+
+
+def _progress(trainer: pl.Trainer, total: int):
+    if not trainer.is_global_zero or trainer.progress_bar_callback is None:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="Calibration", leave=False, dynamic_ncols=True)
