@@ -44,8 +44,12 @@ def ref_weight_fq(w: torch.Tensor, axis: int = 0) -> torch.Tensor:
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_one_thread():
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the test machine is shared: no thread oversubscription
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize(
