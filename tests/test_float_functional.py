@@ -38,7 +38,9 @@ _B = torch.tensor([[0.5, 4.0], [-1.0, 2.0]])
         ("minimum", (_A, _B), {}, torch.minimum(_A, _B)),
     ],
 )
-def test_methods_compute_the_torch_result_through_activation_post_process(method, args, kwargs, expected):
+def test_methods_compute_the_torch_result_through_activation_post_process(
+    method, args, kwargs, expected
+):
     ff = FloatFunctional()
     seen = []
     ff.activation_post_process.register_forward_hook(lambda m, i, o: seen.append(o))
@@ -126,14 +128,20 @@ def test_operators_become_generated_modules_and_keep_the_output():
     )  # fmt: skip
     for name in generated:
         assert type(getattr(gm, name)) is FloatFunctional
-    calls = {(n.args[0].target, n.target) for n in gm.graph.nodes if n.op == "call_method" and n.args[0].op == "get_attr"}
+    calls = {
+        (n.args[0].target, n.target)
+        for n in gm.graph.nodes
+        if n.op == "call_method" and n.args[0].op == "get_attr"
+    }
     assert ("_generated_add_scalar_1", "add_scalar") in calls  # x - 2 -> add_scalar(x, -2)
-    scalar_args = [n.args[2] for n in gm.graph.nodes if n.op == "call_method" and n.target == "add_scalar"]
+    scalar_args = [
+        n.args[2] for n in gm.graph.nodes if n.op == "call_method" and n.target == "add_scalar"
+    ]
     assert sorted(scalar_args) == [-2, 1]
     # the shape arithmetic is untouched, and so is a tensor times a dynamic Python int
     remaining = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     assert remaining.count(operator.mul) == 2 and remaining.count(operator.add) == 1
-    assert ("size" in [n.target for n in gm.graph.nodes if n.op == "call_method"])
+    assert "size" in [n.target for n in gm.graph.nodes if n.op == "call_method"]
     x, y = torch.randn(2, 4), torch.randn(2, 4)
     for out, ref in zip(gm(x, y), model(x, y)):
         torch.testing.assert_close(out, ref)
@@ -161,7 +169,11 @@ def test_generated_modules_remember_the_module_that_called_them():
     assert fused._generated_mul_scalar_0._hq_owner_path == ""
     # re-tracing the flat fused model keeps the owner in the node meta
     again = symbolic_trace(fused)
-    paths = {n.target: n.meta["hq_module_path"] for n in again.graph.nodes if n.op in ("get_attr", "call_module")}
+    paths = {
+        n.target: n.meta["hq_module_path"]
+        for n in again.graph.nodes
+        if n.op in ("get_attr", "call_module")
+    }
     assert paths["_generated_add_0"] == "block" and paths["_generated_mul_scalar_0"] == ""
 
 

@@ -90,9 +90,12 @@ def _expected_name(pattern, fold_bn):
 
 @pytest.mark.parametrize("fold_bn", [True, False], ids=["fold", "keep_bn"])
 @pytest.mark.parametrize(
-    "index", range(len(_TABLE)), ids=[
+    "index",
+    range(len(_TABLE)),
+    ids=[
         f"{p.conv.__name__}-{getattr(p.bn, '__name__', 'nobn')}-{p.add or 'noadd'}-"
-        f"{getattr(p.act, '__name__', 'noact')}" for p in _TABLE
+        f"{getattr(p.act, '__name__', 'noact')}"
+        for p in _TABLE
     ],
 )
 def test_every_pattern_of_the_table_fuses_and_keeps_the_output(index, fold_bn):
@@ -186,12 +189,14 @@ def test_chapter_fusion_sample_prints_the_chapter_structure():
     fused_model = fuse_fx(float_model)
     printed = str(fused_model)
     assert printed.startswith(_CHAPTER_STRUCTURE + "\n")
-    code = printed[len(_CHAPTER_STRUCTURE):]
+    code = printed[len(_CHAPTER_STRUCTURE) :]
     assert "def forward(self, x, y):" in code
     assert "self._generated_add_0(quantx, quanty)" in code
     assert "self.conv(" not in code and "self.bn(" not in code and "self.relu(" not in code
     x, y = torch.randn(2, 3, 6, 6), torch.randn(2, 3, 4, 4)
-    torch.testing.assert_close(fused_model.eval()(x, y), float_model.eval()(x, y), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        fused_model.eval()(x, y), float_model.eval()(x, y), rtol=1e-5, atol=1e-5
+    )
 
 
 class _Twice(nn.Module):

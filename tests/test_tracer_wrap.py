@@ -331,7 +331,9 @@ def test_retinanet_graph_module_deepcopy_save_load_and_retrace():
     _assert_same_preds(loaded(_data()), model(_data()))
     retraced = symbolic_trace(loaded)
     assert [
-        n.target for n in retraced.graph.nodes if n.op == "call_function" and n.target is not getitem
+        n.target
+        for n in retraced.graph.nodes
+        if n.op == "call_function" and n.target is not getitem
     ] == [RetinaNet._post_process]
     _assert_same_preds(retraced(_data()), model(_data()))
 

@@ -74,9 +74,7 @@ class FusedModule(nn.Module):
             )
         if (bn is not None) != self.bn_kept:
             want = "a BatchNorm" if self.bn_kept else "None"
-            raise TypeError(
-                f"Expected `bn` of {type(self).__name__} to be {want}, but got {bn!r}."
-            )
+            raise TypeError(f"Expected `bn` of {type(self).__name__} to be {want}, but got {bn!r}.")
         if (None if relu is None else type(relu)) is not self.act_type:
             want = "None" if self.act_type is None else self.act_type.__name__
             raise TypeError(
@@ -107,9 +105,13 @@ def _class_name(base: type[nn.Module], bn: bool, add: bool, act: type[nn.Module]
 
 
 #: (base type, keeps BN, has add, activation type or None) -> fused class.
-FUSED_CLASSES: dict[tuple[type[nn.Module], bool, bool, type[nn.Module] | None], type[FusedModule]] = {}
+FUSED_CLASSES: dict[
+    tuple[type[nn.Module], bool, bool, type[nn.Module] | None], type[FusedModule]
+] = {}
 
-for _base, _bn, _add, _act in itertools.product(FUSABLE_BASES, (False, True), (False, True), _ACT_NAMES):
+for _base, _bn, _add, _act in itertools.product(
+    FUSABLE_BASES, (False, True), (False, True), _ACT_NAMES
+):
     if not (_bn or _add or _act):
         continue
     _name = _class_name(_base, _bn, _add, _act)

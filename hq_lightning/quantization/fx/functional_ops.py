@@ -100,10 +100,23 @@ _AVG_POOL2D = ModuleOp(
     "avg_pool2d",
     nn.AvgPool2d,
     ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"),
-    {"stride": None, "padding": 0, "ceil_mode": False, "count_include_pad": True, "divisor_override": None},
+    {
+        "stride": None,
+        "padding": 0,
+        "ceil_mode": False,
+        "count_include_pad": True,
+        "divisor_override": None,
+    },
 )
 _ADAPTIVE_AVG_POOL2D = ModuleOp("adaptive_avg_pool2d", nn.AdaptiveAvgPool2d, ("output_size",))
-_UPSAMPLE_PARAMS = ("size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias")
+_UPSAMPLE_PARAMS = (
+    "size",
+    "scale_factor",
+    "mode",
+    "align_corners",
+    "recompute_scale_factor",
+    "antialias",
+)
 _UPSAMPLE_DEFAULTS = {
     "size": None, "scale_factor": None, "mode": "nearest", "align_corners": None,
     "recompute_scale_factor": None, "antialias": False,
@@ -112,7 +125,9 @@ _UPSAMPLE_DEFAULTS = {
 MODULE_OPS: dict[Any, ModuleOp] = {
     F.avg_pool2d: _AVG_POOL2D,
     F.adaptive_avg_pool2d: _ADAPTIVE_AVG_POOL2D,
-    F.interpolate: ModuleOp("interpolate", nn.Upsample, _UPSAMPLE_PARAMS, _UPSAMPLE_DEFAULTS, {"antialias": False}),
+    F.interpolate: ModuleOp(
+        "interpolate", nn.Upsample, _UPSAMPLE_PARAMS, _UPSAMPLE_DEFAULTS, {"antialias": False}
+    ),
     F.upsample: ModuleOp("upsample", nn.Upsample, _UPSAMPLE_PARAMS[:-1], _UPSAMPLE_DEFAULTS),
 }
 
@@ -140,7 +155,11 @@ def tensor_nodes(gm: fx.GraphModule) -> set[fx.Node]:
             receiver = node.args[0] if node.args else None
             if node.target in NON_TENSOR_METHODS:
                 continue
-            if isinstance(receiver, fx.Node) and receiver.op == "get_attr" and receiver not in tensors:
+            if (
+                isinstance(receiver, fx.Node)
+                and receiver.op == "get_attr"
+                and receiver not in tensors
+            ):
                 tensors.add(node)  # a module method (FloatFunctional, wrapped helper): tensor out
             elif receiver in tensors:
                 tensors.add(node)
@@ -297,8 +316,11 @@ def _swap_torch_float_functionals(gm: QuantGraphModule) -> None:
         used = {
             n.target
             for n in gm.graph.nodes
-            if n.op == "call_method" and n.args and isinstance(n.args[0], fx.Node)
-            and n.args[0].op == "get_attr" and n.args[0].target == name
+            if n.op == "call_method"
+            and n.args
+            and isinstance(n.args[0], fx.Node)
+            and n.args[0].op == "get_attr"
+            and n.args[0].target == name
         }
         if used <= set(FLOAT_FUNCTIONAL_METHODS):
             parent_name, _, child = name.rpartition(".")

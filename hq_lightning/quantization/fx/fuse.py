@@ -173,8 +173,12 @@ def fold_bn_into(conv: nn.Module, bn: nn.Module) -> nn.Module:
     """
     weight = conv.weight.detach().double()
     out_channels = bn.running_mean.numel()
-    gamma = bn.weight.detach().double() if bn.affine else torch.ones(out_channels, dtype=torch.float64)
-    beta = bn.bias.detach().double() if bn.affine else torch.zeros(out_channels, dtype=torch.float64)
+    gamma = (
+        bn.weight.detach().double() if bn.affine else torch.ones(out_channels, dtype=torch.float64)
+    )
+    beta = (
+        bn.bias.detach().double() if bn.affine else torch.zeros(out_channels, dtype=torch.float64)
+    )
     factor = gamma / torch.sqrt(bn.running_var.double() + bn.eps)
     if isinstance(conv, nn.modules.conv._ConvTransposeNd):
         groups = conv.groups
@@ -207,7 +211,9 @@ def _apply(gm: QuantGraphModule, match: _Match, sites: dict[str, int], fold_bn: 
     graph = gm.graph
     conv = gm.get_submodule(match.conv.target)
     bn = gm.get_submodule(match.bn.target) if match.bn is not None else None
-    pattern = FUSION_PATTERNS[(type(conv), type(bn) if bn is not None else None, match.add_position, match.act_type)]
+    pattern = FUSION_PATTERNS[
+        (type(conv), type(bn) if bn is not None else None, match.add_position, match.act_type)
+    ]
     act_module = None
     if match.act is not None:
         if match.act.op == "call_module":
@@ -234,9 +240,7 @@ def _apply(gm: QuantGraphModule, match: _Match, sites: dict[str, int], fold_bn: 
         else:
             name = _free_generated_name(gm, "add")
     elif (
-        match.act is not None
-        and match.act.op == "call_module"
-        and sites.get(match.act.target) == 1
+        match.act is not None and match.act.op == "call_module" and sites.get(match.act.target) == 1
     ):
         name = match.act.target
     elif match.bn is not None:

@@ -240,9 +240,7 @@ def _graph_from_state(state: dict[str, Any]) -> fx.Graph:
     graph = fx.Graph(tracer_cls=state.get("tracer_cls"))
     env: dict[str, fx.Node] = {}
     for op, name, target, args, kwargs, meta in state["nodes"]:
-        node = graph.create_node(
-            op, target, _decode(args, env), _decode(kwargs, env), name=name
-        )
+        node = graph.create_node(op, target, _decode(args, env), _decode(kwargs, env), name=name)
         node.meta.update(meta)
         env[name] = node
     return graph

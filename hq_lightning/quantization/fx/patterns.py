@@ -121,7 +121,9 @@ class FusionPattern:
 FUSION_PATTERNS: dict[tuple[Any, ...], FusionPattern] = {}
 
 for _conv, _bns in BN_TYPES.items():
-    for _bn, _add, _act in itertools.product((None, *_bns), (None, *ADD_POSITIONS), (None, nn.ReLU, nn.ReLU6)):
+    for _bn, _add, _act in itertools.product(
+        (None, *_bns), (None, *ADD_POSITIONS), (None, nn.ReLU, nn.ReLU6)
+    ):
         if _bn is None and _add is None and _act is None:
             continue
         _pattern = FusionPattern(_conv, _bn, _add, _act)
@@ -163,7 +165,9 @@ def parse_pattern(pattern: Any) -> tuple[Any, ...]:
     conv, bn, add, act = parse_pattern(rest[0])
     if _is_bn_type(head):
         if bn is not None or add is not None or act is not None:
-            raise ValueError(f"Expected a BatchNorm right after the weighted module in {pattern!r}.")
+            raise ValueError(
+                f"Expected a BatchNorm right after the weighted module in {pattern!r}."
+            )
         return (conv, head, None, None)
     if act is not None:
         raise ValueError(f"Expected one activation at most in {pattern!r}.")

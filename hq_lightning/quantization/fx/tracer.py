@@ -58,7 +58,15 @@ __all__ = [
 ]
 
 #: Methods of torch's FloatFunctional recorded as call_method while tracing.
-TORCH_FLOAT_FUNCTIONAL_METHODS = ("add", "add_scalar", "mul", "mul_scalar", "cat", "add_relu", "matmul")
+TORCH_FLOAT_FUNCTIONAL_METHODS = (
+    "add",
+    "add_scalar",
+    "mul",
+    "mul_scalar",
+    "cat",
+    "add_relu",
+    "matmul",
+)
 _TORCH_FF_MODULES = ("torch.ao.nn.quantized", "torch.nn.quantized")
 
 
@@ -268,7 +276,9 @@ def _is_user_frame(frame: traceback.FrameSummary, library_dirs: tuple[str, ...])
 
 def _untraceable_message(model: nn.Module, error: BaseException) -> str:
     library_dirs = _library_dirs()
-    frames = [f for f in traceback.extract_tb(error.__traceback__) if _is_user_frame(f, library_dirs)]
+    frames = [
+        f for f in traceback.extract_tb(error.__traceback__) if _is_user_frame(f, library_dirs)
+    ]
     where = "  (no line of your code was found in the traceback)"
     if frames:
         f = frames[-1]
@@ -285,7 +295,7 @@ def _untraceable_message(model: nn.Module, error: BaseException) -> str:
         "        @wrap()  # the call becomes one graph node; modules it calls are still quantized\n"
         "        def _post_process(self, x):\n"
         "            ...\n"
-        "(or `@wrap()` on a function, `wrap(\"function_name\")` at module top level, `@wrap()` on "
+        '(or `@wrap()` on a function, `wrap("function_name")` at module top level, `@wrap()` on '
         "an nn.Module class to make its instances leaves)."
     )
 
