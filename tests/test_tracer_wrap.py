@@ -367,3 +367,12 @@ def test_plain_graph_module_deepcopy_and_save_load():
         n.meta["hq_module_path"] for n in gm.graph.nodes
     ]
     torch.testing.assert_close(loaded(x), net(x))
+
+
+def test_shallow_copy_keeps_class_children_and_shares_modules():
+    model = _retinanet()
+    gm = symbolic_trace(model)
+    shallow = copy.copy(gm)
+    assert isinstance(shallow, RetinaNet) and shallow.anchors is gm.anchors
+    assert shallow._hq_root is shallow
+    _assert_same_preds(shallow(_data()), model(_data()))

@@ -101,6 +101,8 @@ class QuantGraphModule(fx.GraphModule):
         if tracer_cls is not None and "<locals>" not in tracer_cls.__qualname__:
             self._tracer_cls = tracer_cls
 
+    __jit_unused_properties__ = [*fx.GraphModule.__jit_unused_properties__, ROOT_ATTR]
+
     @property
     def _hq_root(self) -> QuantGraphModule:
         """The module itself: the ``self`` a wrapped root method is called with."""
@@ -118,6 +120,12 @@ class QuantGraphModule(fx.GraphModule):
     def _deepcopy_init(self):
         # torch's __deepcopy__ rebuilds through this hook; ours keeps every child and attribute.
         return QuantGraphModule.__init__
+
+    def __copy__(self) -> QuantGraphModule:
+        # Shallow copy (shares submodules and the graph), keeping our class and every child.
+        res = build_graph_module(self, self.graph)
+        res.meta = getattr(self, "meta", {})
+        return res
 
     def __reduce__(self) -> tuple[Any, ...]:
         body = {k: v for k, v in self.__dict__.items() if k not in _GRAPH_KEYS}
@@ -189,6 +197,12 @@ class _NodeRef:
 
     def __init__(self, name: str) -> None:
         self.name = name
+
+    def __copy__(self) -> QuantGraphModule:
+        # Shallow copy (shares submodules and the graph), keeping our class and every child.
+        res = build_graph_module(self, self.graph)
+        res.meta = getattr(self, "meta", {})
+        return res
 
     def __reduce__(self):
         return (_NodeRef, (self.name,))
