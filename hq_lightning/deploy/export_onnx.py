@@ -76,6 +76,7 @@ def export_onnx(
     path: str | os.PathLike,
     opset_version: int = 18,
     check: bool = True,
+    atol: float = 0.0,
 ) -> str:
     """Export ``model`` to ONNX and, with ``check``, compare onnxruntime's output to it.
 
@@ -84,8 +85,10 @@ def export_onnx(
         example_inputs: one tensor or a tuple of positional inputs (the shapes are fixed).
         path: output file (a single file: weights are embedded).
         opset_version: ONNX opset (18 default).
-        check: run the file with onnxruntime on ``example_inputs`` and require outputs equal
-            to the model's, bit for bit.
+        check: run the file with onnxruntime on ``example_inputs`` and compare with the model.
+        atol: tolerance of that check for float outputs (0: bit for bit). Integer outputs are
+            always compared exactly. Integer kernels export exactly; float ops of CPU-side steps
+            (``grid_sample``, ``exp``...) may differ from torch's by a few float ulps.
 
     Returns:
         ``path`` as a string.
@@ -127,10 +130,15 @@ def export_onnx(
                 f"Expected the ONNX model to return {len(expected)} tensors, but got {len(got)}."
             )
         for i, (e, g) in enumerate(zip(expected, got)):
-            if e.shape != g.shape or not torch.equal(e, g.to(e.dtype)):
+            exact = atol == 0 or not e.is_floating_point()
+            if e.shape != g.shape or (
+                not torch.equal(e, g.to(e.dtype))
+                if exact
+                else not torch.allclose(e.double(), g.double(), rtol=0.0, atol=atol)
+            ):
                 diff = (e.double() - g.double()).abs().max().item() if e.shape == g.shape else None
                 raise RuntimeError(
-                    f"Expected onnxruntime's output {i} to equal the model's bit for bit, but it "
+                    f"Expected onnxruntime's output {i} to equal the model's (atol {atol}), but it "
                     f"differs (shapes {tuple(e.shape)} vs {tuple(g.shape)}, max |diff| {diff})."
                 )
     return path

@@ -21,7 +21,7 @@ Example:
     ...         self.conv1, self.conv2 = torch.nn.Conv2d(3, 4, 1), torch.nn.Conv2d(4, 2, 1)
     ...         self.split, self.dequant2 = QuantStub(scale=None), DeQuantStub()
     ...     def forward(self, x):
-    ...         y = self.dequant(self.conv1(self.quant(x))).sigmoid()  # float step between
+    ...         y = self.dequant(self.conv1(self.quant(x)))  # float at the boundary
     ...         return self.dequant2(self.conv2(self.split(y)))
     >>> qat = prepare_qat_fx(Net(), {"": default_qat_8bit_fake_quant_qconfig})
     >>> _ = qat(torch.rand(2, 3, 4, 4))
