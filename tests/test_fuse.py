@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import operator
 
 import pytest
@@ -322,3 +323,15 @@ def test_fused_model_fuses_again_to_the_same_structure():
     assert str(twice).split("\n\n\n")[0] == str(once).split("\n\n\n")[0]
     x, y = torch.randn(1, 3, 6, 6), torch.randn(1, 3, 4, 4)
     torch.testing.assert_close(twice(x, y), model(x, y), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_model_saves_and_loads_whole():
+    model = ModelForFusion().eval()
+    fused = fuse_fx(model, fold_bn=False)
+    buffer = io.BytesIO()
+    torch.save(fused, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert str(loaded) == str(fused)
+    x, y = torch.randn(1, 3, 6, 6), torch.randn(1, 3, 4, 4)
+    torch.testing.assert_close(loaded(x, y), model(x, y), rtol=1e-5, atol=1e-5)

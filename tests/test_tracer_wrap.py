@@ -376,3 +376,19 @@ def test_shallow_copy_keeps_class_children_and_shares_modules():
     assert isinstance(shallow, RetinaNet) and shallow.anchors is gm.anchors
     assert shallow._hq_root is shallow
     _assert_same_preds(shallow(_data()), model(_data()))
+
+
+def test_save_load_with_targets_torch_cannot_pickle_by_name():
+    # F.max_pool2d has a local qualname and torch.ops overloads are not picklable objects
+    class Net(nn.Module):
+        def forward(self, x):
+            y = torch.nn.functional.max_pool2d(x, 2)
+            return torch.ops.aten.relu.default(y) + torch.ops.aten.neg(y)
+
+    net = Net()
+    buffer = io.BytesIO()
+    torch.save(symbolic_trace(net), buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    x = torch.randn(1, 1, 4, 4)
+    torch.testing.assert_close(loaded(x), net(x))

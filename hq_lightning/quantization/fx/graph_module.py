@@ -32,9 +32,11 @@ Example:
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from torch import fx, nn
+from torch.fx.node import _get_qualified_name
 
 __all__ = ["QuantGraphModule", "build_graph_module", "ROOT_ATTR"]
 
@@ -236,6 +238,43 @@ def _decode(arg: Any, env: dict[str, fx.Node]) -> Any:
     return arg
 
 
+class _GlobalRef:
+    """A callable pickled by its dotted path (F.max_pool2d has a local qualname; torch.ops
+    overloads cannot be pickled at all)."""
+
+    __slots__ = ("path",)
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (_GlobalRef, (self.path,))
+
+    def resolve(self) -> Any:
+        parts = self.path.split(".")
+        for i in range(len(parts), 0, -1):
+            try:
+                obj = importlib.import_module(".".join(parts[:i]))
+            except ImportError:
+                continue
+            for atom in parts[i:]:
+                obj = getattr(obj, atom)
+            return obj
+        raise ImportError(f"Expected `{self.path}` to be importable, but it is not.")
+
+
+def _encode_target(target: Any) -> Any:
+    if isinstance(target, str):
+        return target
+    try:
+        ref = _GlobalRef(_get_qualified_name(target))
+        if ref.resolve() is target:
+            return ref
+    except Exception:  # noqa: BLE001 - anything unresolvable is pickled as the object itself
+        pass
+    return target
+
+
 _PLAIN_META = (str, int, float, bool, type(None))
 
 
@@ -245,7 +284,14 @@ def _graph_to_state(graph: fx.Graph) -> dict[str, Any]:
     for node in graph.nodes:
         meta = {k: v for k, v in node.meta.items() if isinstance(v, _PLAIN_META)}
         nodes.append(
-            (node.op, node.name, node.target, _encode(node.args), _encode(node.kwargs), meta)
+            (
+                node.op,
+                node.name,
+                _encode_target(node.target),
+                _encode(node.args),
+                _encode(node.kwargs),
+                meta,
+            )
         )
     return {"nodes": nodes, "tracer_cls": graph._tracer_cls}
 
@@ -254,6 +300,8 @@ def _graph_from_state(state: dict[str, Any]) -> fx.Graph:
     graph = fx.Graph(tracer_cls=state.get("tracer_cls"))
     env: dict[str, fx.Node] = {}
     for op, name, target, args, kwargs, meta in state["nodes"]:
+        if isinstance(target, _GlobalRef):
+            target = target.resolve()
         node = graph.create_node(op, target, _decode(args, env), _decode(kwargs, env), name=name)
         node.meta.update(meta)
         env[name] = node
