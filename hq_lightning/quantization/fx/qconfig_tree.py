@@ -132,7 +132,8 @@ def check_single_kind(qconfigs: Iterable[tuple[str, QConfig | None]]) -> str | N
             "are two prepares of the float model: prepare it with calibration qconfigs and calibrate "
             "(eval() + FakeQuantState.CALIBRATION); then prepare the float model again with QAT "
             "qconfigs and load the calibrated state into it "
-            "(qat_model.load_state_dict(calib_model.state_dict())) before training."
+            "(qat_model.load_state_dict(calib_model.state_dict(), strict=False): the scales load; "
+            "observer statistics of a different observer type do not) before training."
         )
     return next(iter(by_kind), None)
 
