@@ -23,7 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from hq_lightning.app.schema import register_configs
+from hq_lightning.app.schema import check_config, register_configs
 
 __all__ = ["main", "run"]
 
@@ -60,12 +60,14 @@ def run(cfg: DictConfig, output_dir: str | None = None, multirun: bool = False) 
     from hq_lightning.app.report import METRICS_FILE, print_table, write_metrics
     from hq_lightning.march import as_march, set_march
 
+    _let_hydra_own_logging()
     output_dir = str(output_dir or cfg.output_dir)
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     if cfg.print_config:
         print(OmegaConf.to_yaml(cfg))
 
     # every check that can fail runs before the first training step
+    check_config(cfg)
     march = as_march(cfg.march.name)
     set_march(march)
     check_one_device_per_job(cfg.trainer, multirun)
@@ -89,14 +91,33 @@ def run(cfg: DictConfig, output_dir: str | None = None, multirun: bool = False) 
     trainer.fit(module, datamodule=datamodule)
 
     if quantization is not None:
+        # the callback has logged its table (metric x phase) at the end of fit
         table = {phase: dict(metrics) for phase, metrics in quantization.metrics_table.items()}
+        for kind, path in quantization.exported_files.items():
+            log.info("%s: %s", kind, path)
     else:
         results = trainer.validate(module, datamodule=datamodule, verbose=False)
         table = {"float": dict(results[0]) if results else {}}
-    print_table(table, title=f"hq_lightning: march={march.value}, run dir {output_dir}")
+        print_table(table, title=f"march={march.value}")
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-    write_metrics(Path(output_dir) / METRICS_FILE, table, overrides=overrides, march=march.value)
+    path = write_metrics(
+        Path(output_dir) / METRICS_FILE, table, overrides=overrides, march=march.value
+    )
+    log.info("metrics: %s", path)
     return table
+
+
+def _let_hydra_own_logging() -> None:
+    """Lightning adds its own console handler to the ``lightning`` logger even when the root
+    logger has one (Hydra's, which also writes ``<run dir>/<job>.log``): every line would
+    print twice. Leave the console to Hydra's handlers."""
+    root = logging.getLogger()
+    if not root.handlers:
+        return
+    lightning_logger = logging.getLogger("lightning")
+    for handler in list(lightning_logger.handlers):
+        if type(handler) is logging.StreamHandler:
+            lightning_logger.removeHandler(handler)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")

@@ -36,7 +36,8 @@ def to_number(value: Any) -> float | None:
     return float(value)
 
 
-def _format(value: Any) -> str:
+def format_value(value: Any) -> str:
+    """A metric as printed in tables: four decimals, ``-`` for a missing one."""
     number = to_number(value)
     if number is None:
         return "-" if value is None else str(value)
@@ -51,7 +52,8 @@ def table_rows(
     for values in table.values():
         metrics.extend(name for name in values if name not in metrics)
     rows = [
-        [phase] + [_format(values.get(name)) for name in metrics] for phase, values in table.items()
+        [phase] + [format_value(values.get(name)) for name in metrics]
+        for phase, values in table.items()
     ]
     return ["phase", *metrics], rows
 

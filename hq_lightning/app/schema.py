@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 __all__ = [
     "AppConfig",
@@ -37,6 +37,7 @@ __all__ = [
     "QConfigOverrideConf",
     "QuantConf",
     "QuantMode",
+    "check_config",
     "register_configs",
 ]
 
@@ -172,3 +173,23 @@ def register_configs(store: ConfigStore | None = None) -> None:
     defaults list; every group merged after it is checked against its field."""
     store = store or ConfigStore.instance()
     store.store(name="app_schema", node=AppConfig)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Check a composed config against :class:`AppConfig` once more.
+
+    Composition already rejects a misspelled key in a YAML file or in a plain ``key=value``
+    override; a key *added* with ``+key=value`` bypasses the struct flag, so this catches it.
+
+    Raises:
+        ValueError: naming the unknown key, its full path and the schema class.
+    """
+    try:
+        OmegaConf.merge(OmegaConf.structured(AppConfig), OmegaConf.to_container(cfg, resolve=False))
+    except Exception as err:
+        lines = [line.strip() for line in str(err).splitlines()]
+        where = next((line for line in lines if line.startswith("full_key:")), "")
+        raise ValueError(
+            f"Expected every config key to be one of the schema's (hq_lightning/app/schema.py), "
+            f"but: {lines[0]} ({where}). Check the spelling of that key."
+        ) from None

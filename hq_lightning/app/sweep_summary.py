@@ -31,7 +31,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from hq_lightning.app.report import METRICS_FILE, read_metrics, table_rows
+from hq_lightning.app.report import METRICS_FILE, format_value, read_metrics
 
 __all__ = ["SweepSummary", "summarize_sweep", "write_summary"]
 
@@ -67,12 +67,11 @@ def summarize_sweep(sweep_dir: str | Path) -> tuple[list[str], list[list[str]]]:
     metric_columns: list[str] = []
     cells: list[dict[str, str]] = []
     for _, record in jobs:
-        header, rows = table_rows(record.get("metrics", {}))
         row_cells = {}
-        for row in rows:
-            for name, cell in zip(header[1:], row[1:]):
-                column = f"{row[0]}/{name}"
-                row_cells[column] = cell
+        for phase, values in record.get("metrics", {}).items():
+            for name, value in values.items():
+                column = f"{phase}/{name}"
+                row_cells[column] = format_value(value)
                 if column not in metric_columns:
                     metric_columns.append(column)
         cells.append(row_cells)
