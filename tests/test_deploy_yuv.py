@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hq_lightning import set_march
-from hq_lightning.deploy import patch_yuv_input
+from hq_lightning.deploy import export_torchscript, patch_yuv_input
 from hq_lightning.functional import (
     bgr2centered_yuv,
     centered_yuv2bgr,
@@ -75,6 +75,10 @@ def test_chapter_rgb888_sample_runs_and_prints_the_inserted_node():
     yuv = torch.randint(-128, 128, (1, 3, 28, 28)).float()
     y = traced(yuv)
     assert y.dtype == torch.int8 and y.shape == (1, 3, 26, 26)
+    # the hand-edited graph traces (export_torchscript checks bit-exactness on its example)
+    scripted = export_torchscript(traced, (yuv,))
+    other = torch.randint(-128, 128, (2, 3, 28, 28)).float()
+    assert torch.equal(scripted(other), traced(other))
 
 
 class _RgbNet(torch.nn.Module):
