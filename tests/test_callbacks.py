@@ -62,6 +62,10 @@ class Recorder(Callback):
         self.phases = []
         self.parameter_names = []
 
+    def setup(self, trainer, pl_module, stage):
+        if self.quant_callback is not None:
+            self.phase_at_setup = self.quant_callback.phase
+
     def on_train_epoch_start(self, trainer, pl_module):
         if self.quant_callback is not None:
             self.phases.append(self.quant_callback.phase)
@@ -419,3 +423,17 @@ def test_qconfig_attributes_on_modules_are_rejected(tmp_path):
     trainer = make_trainer(tmp_path, [QuantizationCallback(), FailOnTrainStep()], max_epochs=1)
     with pytest.raises(ValueError, match=r"`model.stem`"):
         trainer.fit(module, digits())
+
+
+def test_bf16_mixed_precision_keeps_scales_fp32(tmp_path):
+    pl.seed_everything(0)
+    callback = QuantizationCallback(float_epochs=1, calibration_batches=2, export=())
+    module = classifier()
+    trainer = make_trainer(tmp_path, [callback], max_epochs=2, limit_train_batches=4,
+                           limit_val_batches=2, precision="bf16-mixed")
+    trainer.fit(module, digits())
+    assert set(callback.metrics_table) == {"float", "calibration", "qat", "quantized"}
+    fq_scales = scales(module.model)
+    assert fq_scales and all(s.dtype == torch.float32 and s.numel() > 0 for s in fq_scales.values())
+    observers = [m.activation_post_process for m in module.model.modules() if isinstance(m, FakeQuantize)]
+    assert all(b.dtype == torch.float32 for o in observers for b in o.buffers() if b.is_floating_point())

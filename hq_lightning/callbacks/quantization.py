@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -251,7 +252,7 @@ class QuantizationCallback(Callback):
         set_fake_quantize(live, FakeQuantState.FLOAT)
 
     def _restore_state_from_checkpoint(self, trainer: pl.Trainer) -> None:
-        ckpt_path = getattr(trainer, "ckpt_path", None)
+        ckpt_path = _pending_ckpt_path(trainer)
         if not ckpt_path:
             return
         checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
@@ -490,8 +491,9 @@ class QuantizationCallback(Callback):
             hook.remove()
             set_submodule(pl_module, self.submodule, self._live)
         quantized.cpu()
+        directory = self.resolve_output_dir(trainer)  # a collective under DDP: every rank calls it
         if trainer.is_global_zero:
-            self._export(trainer)
+            self._export(directory)
 
     def _capture_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._captured_input is None and not kwargs:
@@ -514,8 +516,7 @@ class QuantizationCallback(Callback):
             return os.fspath(self.output_dir)
         return os.path.join(trainer.log_dir or trainer.default_root_dir, "quantized")
 
-    def _export(self, trainer: pl.Trainer) -> None:
-        directory = self.resolve_output_dir(trainer)
+    def _export(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)
         model = self.quantized_model
         state_path = os.path.join(directory, "quantized_state_dict.pt")
@@ -539,6 +540,21 @@ class QuantizationCallback(Callback):
                     f"{type(err).__name__}: {err}. Drop 'onnx' from `export` to keep TorchScript only."
                 ) from err
             self.exported_files["onnx"] = path
+
+
+def _pending_ckpt_path(trainer: pl.Trainer) -> Any:
+    """The checkpoint this fit/validate/test/predict call will restore, as seen from ``setup``.
+
+    Lightning sets ``trainer.ckpt_path`` only after ``setup`` (when it restores), so the path is
+    read from the running ``Trainer._run(model, ckpt_path=...)`` call; a path the user assigned
+    to ``trainer.ckpt_path`` beforehand is the fallback.
+    """
+    frame = inspect.currentframe()
+    while frame is not None:
+        if frame.f_code.co_name == "_run" and frame.f_locals.get("self") is trainer:
+            return frame.f_locals.get("ckpt_path")
+        frame = frame.f_back
+    return getattr(trainer, "ckpt_path", None)
 
 
 def _check_int(value: Any, name: str, minimum: int) -> int:
