@@ -1,17 +1,26 @@
-"""Integer inference benchmark: integer modules against their float counterparts (CPU, 1 thread).
+"""Integer inference benchmark: integer modules against their float counterparts (CPU).
 
 Section 1 (here): model-free micro benchmark of conv layers with ResNet-18 / MobileNetV2 shapes
 at 32x32 input, batch 32: time of ``QuantizedConv2d`` (exact int32 accumulation + requant) over
-``torch.nn.Conv2d``. Section 2 (converted vs float models, with torch.ao's converted model as a
-baseline) is added as another ``section_*`` function once ``convert_fx`` exists.
+``torch.nn.Conv2d`` (with bias, no BN/ReLU: a stricter baseline than a float model, whose BN and
+ReLU are extra passes). ``int64 epilogue`` times the same module through its int64 requantization
+(``_forward_int64``, the only path before the exact float64 epilogue, and still the fallback).
+Section 2 (converted vs float models, with torch.ao's converted model as a baseline) is added as
+another ``section_*`` function once ``convert_fx`` exists.
 
-Run: ``PYTHONPATH=. .venv/bin/python bench/bench_integer_inference.py [--repeat 3]``; writes
-``bench/results/integer_inference.md``.
+The machine is shared, so the candidates run interleaved (float, integer, int64, float, ...) and
+each reports the median of ``--rounds``; ratios are the stable output, absolute times are noisy.
+With one thread the clock is the process CPU time (immune to being descheduled); with more
+threads it is wall time.
+
+Run: ``PYTHONPATH=. .venv/bin/python bench/bench_integer_inference.py [--rounds 15] [--threads 1 2]``;
+writes ``bench/results/integer_inference.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from pathlib import Path
 
@@ -34,67 +43,91 @@ LAYERS = [
 BATCH = 32
 
 
-def _time(fn, repeat: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
+def _medians(fns: dict, rounds: int, clock) -> dict:
+    for fn in fns.values():
         fn()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
+    times: dict = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = clock()
+            fn()
+            times[name].append(clock() - start)
+    return {name: statistics.median(v) * 1e3 for name, v in times.items()}
+
+
+def _layer(name, c_in, c_out, k, stride, groups, size, gen):
+    pad = k // 2
+    float_conv = torch.nn.Conv2d(c_in, c_out, k, stride, pad, groups=groups).eval()
+    int_conv = QuantizedConv2d.from_float_params(
+        float_conv.weight,
+        float_conv.bias,
+        float_conv.weight.abs().amax(dim=(1, 2, 3)) / 127.5,
+        0.03,
+        0.05,
+        stride=stride,
+        padding=pad,
+        groups=groups,
+        activation="relu",
+    )
+    x_float = torch.randn(BATCH, c_in, size, size, generator=gen)
+    x_int = torch.randint(-128, 128, x_float.shape, generator=gen, dtype=torch.int8)
+    return float_conv, int_conv, x_float, x_int
 
 
 @torch.no_grad()
-def section_layers(repeat: int) -> list[str]:
+def section_layers(rounds: int, threads: int) -> list[str]:
+    torch.set_num_threads(threads)
+    clock = time.process_time if threads == 1 else time.perf_counter
     gen = torch.Generator().manual_seed(0)
     rows = [
-        "| layer | float conv ms | integer conv ms | ratio | chunks |",
-        "|---|---|---|---|---|",
+        f"### {threads} thread{'s' if threads > 1 else ''} "
+        f"({'process CPU time' if threads == 1 else 'wall time'}, median of {rounds})",
+        "",
+        "| layer | float ms | integer ms | ratio | int64 epilogue ms | ratio | chunks | epilogue |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for name, c_in, c_out, k, stride, groups, size in LAYERS:
-        pad = k // 2
-        float_conv = torch.nn.Conv2d(c_in, c_out, k, stride, pad, groups=groups).eval()
-        x_float = torch.randn(BATCH, c_in, size, size, generator=gen)
-        int_conv = QuantizedConv2d.from_float_params(
-            float_conv.weight,
-            float_conv.bias,
-            float_conv.weight.abs().amax(dim=(1, 2, 3)) / 127.5,
-            0.03,
-            0.05,
-            stride=stride,
-            padding=pad,
-            groups=groups,
-            activation="relu",
+    for name, *shape in LAYERS:
+        float_conv, int_conv, x_float, x_int = _layer(name, *shape, gen)
+        assert torch.equal(int_conv(x_int), int_conv._forward_int64(x_int, None))
+        t = _medians(
+            {
+                "float": lambda: float_conv(x_float),  # noqa: B023
+                "int": lambda: int_conv(x_int),  # noqa: B023
+                "int64": lambda: int_conv._forward_int64(x_int, None),  # noqa: B023
+            },
+            rounds,
+            clock,
         )
-        x_int = torch.randint(-128, 128, x_float.shape, generator=gen, dtype=torch.int8)
-        t_float = _time(lambda: float_conv(x_float), repeat)  # noqa: B023
-        t_int = _time(lambda: int_conv(x_int), repeat)  # noqa: B023
-        chunks = len(int_conv._plan.chunks)
-        rows.append(f"| {name} | {t_float:.2f} | {t_int:.2f} | {t_int / t_float:.2f} | {chunks} |")
+        path = "float64" if int_conv._float_requant is not None else "int64"
+        rows.append(
+            f"| {name} | {t['float']:.2f} | {t['int']:.2f} | {t['int'] / t['float']:.2f} | "
+            f"{t['int64']:.2f} | {t['int64'] / t['float']:.2f} | {len(int_conv._plan.chunks)} | "
+            f"{path} |"
+        )
         print(rows[-1], flush=True)
-    return rows
+    return [*rows, ""]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument(
         "--out", type=Path, default=Path(__file__).parent / "results" / "integer_inference.md"
     )
     args = parser.parse_args()
-    torch.set_num_threads(1)
     lines = [
         "# Integer inference benchmark",
         "",
-        f"torch {torch.__version__}, CPU, 1 thread, batch {BATCH}, best of {args.repeat}; shared 2-core "
-        "machine, so absolute times are noisy. Integer conv = exact int32 accumulation (float32 "
-        "chunks, docs/integer-arithmetic.md section 7) + bias + per-channel requant + ReLU, int8 in/out.",
+        f"torch {torch.__version__}, CPU, batch {BATCH}. Integer conv = exact int32 accumulation "
+        "(float32 chunks) + bias + per-channel requant + ReLU, int8 in/out "
+        "(docs/integer-arithmetic.md section 7). Ratios are over a float Conv2d with bias.",
         "",
         "## Conv layers (model-free)",
         "",
-        *section_layers(args.repeat),
-        "",
     ]
+    for threads in args.threads:
+        lines += section_layers(args.rounds, threads)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines))
     print(f"wrote {args.out}")

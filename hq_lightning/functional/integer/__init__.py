@@ -4,6 +4,13 @@ Every kernel is exact: integer results equal the slow reference in ``tests/refer
 """
 
 from hq_lightning.functional.integer.accumulate import EXACT_FLOAT32_BOUND, ConvPlan, chunk_channels
+from hq_lightning.functional.integer.float_requant import (
+    EXACT_FLOAT64_BOUND,
+    FloatRequantFactors,
+    accumulator_range,
+    float_requant_factors,
+    requantize_float,
+)
 from hq_lightning.functional.integer.interpolate import (
     BILINEAR_FRACTION_BITS,
     bilinear_accumulate,
@@ -36,9 +43,12 @@ from hq_lightning.functional.integer.rounding import (
 __all__ = [
     "BILINEAR_FRACTION_BITS",
     "EXACT_FLOAT32_BOUND",
+    "EXACT_FLOAT64_BOUND",
+    "FloatRequantFactors",
     "MAX_SHIFT",
     "MULTIPLIER_BITS",
     "ConvPlan",
+    "accumulator_range",
     "adaptive_avg_pool_sums",
     "adaptive_windows",
     "avg_pool_sum",
@@ -47,11 +57,13 @@ __all__ = [
     "channel_view",
     "chunk_channels",
     "dequantize",
+    "float_requant_factors",
     "quantize",
     "quantize_bias",
     "quantize_multiplier",
     "quantize_multipliers",
     "requantize",
+    "requantize_float",
     "rounding_offset",
     "rounding_right_shift",
     "saturate",

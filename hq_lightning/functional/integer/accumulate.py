@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hq_lightning.functional.integer.float_requant import accumulator_range
+
 __all__ = ["EXACT_FLOAT32_BOUND", "ConvPlan", "chunk_channels"]
 
 #: float32 represents every integer of magnitude <= 2^24.
@@ -150,14 +152,39 @@ class ConvPlan:
                 dilation,
                 output_padding,
             )
-            if len(self.chunks) > 1 or x.dtype == torch.int16:
-                partial = partial.to(torch.float64)
-            total = partial if total is None else total + partial
+            if total is None:
+                # one chunk of int8 activations stays float32 (exact below 2^24)
+                wide = len(self.chunks) > 1 or x.dtype == torch.int16
+                total = partial.to(torch.float64) if wide else partial
+            else:
+                total.add_(partial)  # float64 += float32 in place: no float64 temporary
         assert total is not None
         if x.dtype == torch.int16:
             high, low = total.chunk(2, dim=0)
-            total = high * 256 + low
+            total = torch.add(low, high, alpha=256)  # exact: integers below 2^53
         return total
+
+    def accumulate_float(
+        self,
+        x: Tensor,
+        stride=1,
+        padding=0,
+        dilation=1,
+        output_padding=0,
+        weight: Tensor | None = None,
+    ) -> Tensor:
+        """The exact bias-free sum ``sum_k x_k * w_k`` as float32 (one chunk, int8) or float64.
+
+        Every element is an integer held exactly; nothing is saturated yet (see ``accumulate``).
+        """
+        if x.is_cuda or not self.chunks:
+            weight = self.weight if weight is None else weight
+            return self._sum_float64(x, weight, stride, padding, dilation, output_padding)
+        return self._sum_float32_chunks(x, stride, padding, dilation, output_padding)
+
+    def accumulator_range(self, activation_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Static per-output-channel ``(min, max)`` of ``accumulate_float`` (int64)."""
+        return accumulator_range(self.weight, self.kind, self.groups, activation_dtype)
 
     def accumulate(
         self,
@@ -174,11 +201,7 @@ class ConvPlan:
         ``weight`` (default: the planned one) is the int8 weight on the input's device; the
         float32 chunks are used on CPU, the float64 path on CUDA or when no chunk fits.
         """
-        if x.is_cuda or not self.chunks:
-            weight = self.weight if weight is None else weight
-            total = self._sum_float64(x, weight, stride, padding, dilation, output_padding)
-        else:
-            total = self._sum_float32_chunks(x, stride, padding, dilation, output_padding)
+        total = self.accumulate_float(x, stride, padding, dilation, output_padding, weight)
         acc = total.to(torch.int64)
         if bias is not None:
             shape = [1] * acc.dim()

@@ -9,11 +9,14 @@ from torch import Tensor, nn
 
 from hq_lightning.dtype import QuantDType, as_dtype, torch_dtype
 from hq_lightning.functional.integer import (
+    EXACT_FLOAT64_BOUND,
     ConvPlan,
     channel_view,
+    float_requant_factors,
     quantize,
     quantize_bias,
     quantize_multipliers,
+    requantize_float,
     rounding_offset,
 )
 from hq_lightning.nn.quantized._common import (
@@ -37,8 +40,10 @@ class QuantizedWeightedModule(nn.Module):
     Buffers (all in ``state_dict``): ``weight`` int8, ``bias`` int32 or None, ``weight_scale``,
     ``input_scale``, ``output_scale`` (``[1]``, or ``[C]`` = ``s_in * s_w`` for a high-precision
     output), ``addend_scale`` (fused add only), and the derived ``multiplier``, ``shift``,
-    ``offset``, ``addend_multiplier``, ``clamp_min``, ``clamp_max``. The float32 weight chunks of
-    the fast path are rebuilt after ``load_state_dict`` and unpickling, never saved.
+    ``offset``, ``addend_multiplier``, ``clamp_min``, ``clamp_max``. The float32 weight chunks and
+    the float64 requantization factors of the fast path (docs/integer-arithmetic.md, section 7) are
+    derived from these buffers, rebuilt whenever one of them is replaced or changed in place, and
+    never saved.
     """
 
     _kind = "conv2d"
@@ -181,14 +186,42 @@ class QuantizedWeightedModule(nn.Module):
         self.register_buffer("clamp_min", torch.tensor([lo], dtype=torch.int64))
         self.register_buffer("clamp_max", hi_t)
 
+    def _plan_key(self) -> tuple:
+        # identity and in-place version of everything the derived fast path depends on
+        names = ("weight", "bias", "multiplier", "shift", "addend_multiplier", "clamp_min", "clamp_max")
+        tensors = [getattr(self, name) for name in names]
+        return tuple((id(t), t._version, t.device) if t is not None else None for t in tensors)
+
     def _build_plan(self) -> None:
-        self._plan = ConvPlan.build(
-            self.weight.cpu(), self._kind, self.groups, torch_dtype(self.input_dtype)
-        )
+        act = torch_dtype(self.input_dtype)
+        self._plan = ConvPlan.build(self.weight.cpu(), self._kind, self.groups, act)
+        acc_min, acc_max = self._plan.accumulator_range(act)
+        self._float_requant = None
+        self._float_high_precision = False
+        if self.high_precision:
+            bias = 0 if self.bias is None else int(self.bias.abs().max())
+            largest = max(int(acc_min.abs().max()), int(acc_max.abs().max()))
+            self._float_high_precision = largest + bias <= EXACT_FLOAT64_BOUND
+        else:
+            factors = float_requant_factors(
+                acc_min,
+                acc_max,
+                None if self.bias is None else self.bias.cpu(),
+                self.multiplier.cpu(),
+                self.shift.cpu(),
+                int(self.clamp_min),
+                int(self.clamp_max),
+                None if self.addend_multiplier is None else self.addend_multiplier.cpu(),
+                torch_dtype(self.addend_dtype) if self.has_addend else None,
+            )
+            self._float_requant = None if factors is None else factors.to(self.multiplier.device)
+        self._out_min, self._out_max = int(self.clamp_min.min()), int(self.clamp_max.max())
+        self._plan_built_for = self._plan_key()
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state.pop("_plan", None)  # float32 chunks are derived; keep saved modules small
+        for name in ("_plan", "_float_requant", "_plan_built_for"):
+            state.pop(name, None)  # derived; keep saved modules small
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -207,6 +240,45 @@ class QuantizedWeightedModule(nn.Module):
                 f"(module built with addend_scale={'set' if self.has_addend else 'None'}), "
                 f"but got {'None' if addend is None else 'a tensor'}."
             )
+        if addend is not None:
+            check_int_input(addend, self.addend_dtype, "addend")
+        if self._plan_built_for != self._plan_key():
+            self._build_plan()
+        if self._float_requant is not None:
+            return self._forward_float_requant(x, addend)
+        if self._float_high_precision:
+            return self._forward_float_high_precision(x)
+        return self._forward_int64(x, addend)
+
+    def _forward_float_requant(self, x: Tensor, addend: Tensor | None) -> Tensor:
+        # exact by the per-channel proof of float_requant_factors (docs section 7)
+        total = self._plan.accumulate_float(x, weight=self.weight, **self._op_kwargs())
+        factors = self._float_requant
+        if factors.multiplier.device != total.device:
+            factors = self._float_requant = factors.to(total.device)
+        return requantize_float(
+            total,
+            factors,
+            self._out_min,
+            self._out_max,
+            torch_dtype(self.output_dtype),
+            self._out_axis,
+            addend,
+        )
+
+    def _forward_float_high_precision(self, x: Tensor) -> Tensor:
+        # |sum| + |bias| <= 2^53: float64 holds acc exactly; clamping inside the int32 range at
+        # [clamp_min, clamp_max] also performs the int32 saturation of section 4.
+        total = self._plan.accumulate_float(x, weight=self.weight, **self._op_kwargs())
+        value = total if total.dtype == torch.float64 else total.to(torch.float64)
+        ndim, axis = value.dim(), self._out_axis
+        if self.bias is not None:
+            value.add_(channel_view(self.bias, axis, ndim))
+        lo = channel_view(self.clamp_min.to(torch.float64), axis, ndim)
+        hi = channel_view(self.clamp_max.to(torch.float64), axis, ndim)
+        return torch.clamp(value, lo, hi, out=value).to(torch.int32)
+
+    def _forward_int64(self, x: Tensor, addend: Tensor | None) -> Tensor:
         acc = self._plan.accumulate(x, self.bias, weight=self.weight, **self._op_kwargs())
         ndim, axis = acc.dim(), self._out_axis
         lo = channel_view(self.clamp_min, axis, ndim)
@@ -215,7 +287,6 @@ class QuantizedWeightedModule(nn.Module):
             return torch.clamp(acc, lo, hi).to(torch.int32)
         value = acc * channel_view(self.multiplier, axis, ndim)
         if addend is not None:
-            check_int_input(addend, self.addend_dtype, "addend")
             value = value + addend.to(torch.int64) * channel_view(
                 self.addend_multiplier, axis, ndim
             )
