@@ -355,7 +355,10 @@ def _centered_yuv2rgb(
     q_scale: float | Tensor,
     bgr: bool,
 ) -> Tensor:
-    _check_deploy_input(input, "centered_yuv2bgr" if bgr else "centered_yuv2rgb")
+    with warnings.catch_warnings():
+        # shape checks read traced sizes as Python ints: constant for a trace, as intended
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        _check_deploy_input(input, "centered_yuv2bgr" if bgr else "centered_yuv2rgb")
     mean_values, std_values, out_scale = _checked_arguments(swing, mean, std, q_scale)
     weight, _, _, qbias, mult, shift = _fixed_point_numbers(
         swing, mean_values, std_values, out_scale, bool(bgr)
