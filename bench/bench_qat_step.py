@@ -1,7 +1,7 @@
 """QAT training step against the float training step: hq_lightning beside torch.ao's FX QAT.
 
 One step = forward, cross-entropy loss, backward, SGD (momentum) update. For each model we time
-the median of repeated steps in one process, for
+the median of repeated steps in one process (steps of all variants interleaved), for
 
 - ``float``: the float model (tests/models.py shapes: ResNet-18 and MobileNetV2, real widths);
 - ``hq fuse_bn``: ``prepare_qat_fx(model, {"": default_qat_8bit_fake_quant_qconfig})``;
@@ -9,14 +9,16 @@ the median of repeated steps in one process, for
 - ``torch.ao``: ``torch.ao.quantization.quantize_fx.prepare_qat_fx`` with
   ``get_default_qat_qconfig_mapping("x86")`` (the baseline; only bench/ imports torch.ao).
 
-Peak memory of a step, relative to the float step:
+Peak memory of a step, relative to the float step. Measured on the step after the warm-up, with
+gradients freed (``zero_grad(set_to_none=True)``), as the peak minus the memory in use before the
+step (weights and optimizer state are in both, so the delta is gradients + what forward saves for
+backward + transient buffers):
 
-- CUDA: ``torch.cuda.max_memory_allocated()`` during the timed steps minus the memory allocated
-  before them (weights, gradients and optimizer state are allocated by the warm-up steps).
-- CPU: each variant runs in a fresh subprocess; we report ``ru_maxrss`` after three steps minus
-  the resident set size once the model and optimizer are built (before any step). That is the
-  step's peak working set (activations saved for backward, gradients, optimizer state, allocator
-  slack), measured the same way for every variant. tracemalloc cannot see torch's allocator.
+- CUDA: ``torch.cuda.max_memory_allocated()`` minus ``torch.cuda.memory_allocated()``.
+- CPU: glibc's ``mallinfo2()`` bytes in use (``uordblks + hblkhd``: every live heap allocation,
+  torch's CPU tensors included), sampled after every aten op of the step by a
+  ``TorchDispatchMode`` (forward, backward and optimizer ops all pass through it). tracemalloc
+  cannot see torch's allocator and ``ru_maxrss`` mostly measures allocator slack.
 
 Run (quiet machine; results go to bench/results/qat_step.md)::
 
@@ -28,12 +30,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
+import ctypes
+import gc
 import platform
-import resource
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -44,11 +44,13 @@ sys.path.insert(0, str(ROOT))
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from hq_lightning.quantization import prepare_qat_fx
 from hq_lightning.quantization.qconfig import default_qat_8bit_fake_quant_qconfig
 from tests.models import mobilenet_v2, resnet18
 
+_LIBC = ctypes.CDLL("libc.so.6")
 MODELS = {"resnet18": resnet18, "mobilenet_v2": mobilenet_v2}
 VARIANTS = ("float", "hq fuse_bn", "hq with_bn", "torch.ao")
 
@@ -83,6 +85,7 @@ def make_step(model, device):
             torch.cuda.synchronize()
         return loss
 
+    step.optimizer = optimizer
     return step
 
 
@@ -93,49 +96,67 @@ def inputs(batch: int, size: int, device: str):
     return x, target
 
 
-def time_variant(model_name, variant, args) -> float:
+def measure_variants(model_name, variants, args) -> dict[str, tuple[float, int | None]]:
+    """(median step seconds, peak step bytes) of each variant; timed steps interleave round-robin
+    so that load on a shared machine drifts over all variants alike."""
     x, target = inputs(args.batch, args.size, args.device)
-    step = make_step(build(model_name, variant, x.cpu(), args.device), args.device)
+    steps = {v: make_step(build(model_name, v, x.cpu(), args.device), args.device) for v in variants}
     for _ in range(args.warmup):
-        step(x, target)
-    times = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        step(x, target)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def memory_variant(model_name, variant, args) -> int:
-    """Peak step memory in bytes (see the module docstring for what is measured)."""
-    x, target = inputs(args.batch, args.size, args.device)
-    step = make_step(build(model_name, variant, x.cpu(), args.device), args.device)
-    if args.device == "cuda":
-        for _ in range(2):
+        for step in steps.values():
             step(x, target)
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for _ in range(args.steps):
+        for variant, step in steps.items():
+            start = time.perf_counter()
+            step(x, target)
+            times[variant].append(time.perf_counter() - start)
+    results = {}
+    for variant, step in steps.items():
+        memory = None if args.no_memory else peak_step_memory(step, step.optimizer, x, target, args.device)
+        results[variant] = (statistics.median(times[variant]), memory)
+    return results
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+_LIBC.mallinfo2.restype = _MallInfo2
+
+
+def _heap_in_use() -> int:
+    info = _LIBC.mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+class _PeakHeap(TorchDispatchMode):
+    """Samples the heap in use after every aten op and keeps the maximum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.peak = max(self.peak, _heap_in_use())
+        return out
+
+
+def peak_step_memory(step, optimizer, x, target, device) -> int:
+    """Peak memory of one step in bytes above what is in use before it (see the module docstring)."""
+    optimizer.zero_grad(set_to_none=True)
+    gc.collect()
+    if device == "cuda":
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        for _ in range(3):
-            step(x, target)
-        return torch.cuda.max_memory_allocated() - before
-    before = _rss_bytes()
-    for _ in range(3):
         step(x, target)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
-
-
-def memory_in_subprocess(model_name, variant, args) -> int:
-    cmd = [sys.executable, __file__, "--memory-child", json.dumps([model_name, variant]),
-           "--device", args.device, "--batch", str(args.batch), "--size", str(args.size),
-           "--threads", str(args.threads)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return int(out.strip().splitlines()[-1])
+        return torch.cuda.max_memory_allocated() - before
+    before = _heap_in_use()
+    with _PeakHeap() as sampler:
+        step(x, target)
+    return sampler.peak - before
 
 
 def main() -> None:
@@ -150,23 +171,15 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--out", default=None, help="markdown file to write (default: print only)")
-    parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    if args.memory_child:
-        model_name, variant = json.loads(args.memory_child)
-        print(memory_variant(model_name, variant, args))
-        return
 
     variants = [v for v in args.variants.split(",") if v]
     rows = []
     for model_name in args.models.split(","):
-        results = {}
-        for variant in variants:
-            seconds = time_variant(model_name, variant, args)
-            memory = None if args.no_memory else memory_in_subprocess(model_name, variant, args)
-            results[variant] = (seconds, memory)
+        results = measure_variants(model_name, variants, args)
+        for variant, (seconds, memory) in results.items():
             print(f"{model_name:13s} {variant:11s} {seconds * 1e3:8.1f} ms"
                   + ("" if memory is None else f"  peak step memory {memory / 2**20:8.1f} MiB"), flush=True)
         float_s, float_m = results["float"]
