@@ -383,3 +383,17 @@ def test_per_channel_weight_observer_ch_axis_for_conv_transpose():
     assert len(modules) == 1 and modules[0].weight_fake_quant.ch_axis == 1
     qat_net(torch.rand(1, 2, 3, 3))
     assert modules[0].weight_fake_quant.scale.shape == (3,)
+
+
+def test_freeze_bn_over_a_prepared_model_keeps_parameters_and_statistics():
+    qat_model = prepare_qat_fx(_small("resnet18"), {"": QAT8}, qat_mode="with_bn")
+    params = [id(p) for p in qat_model.parameters()]
+    assert qat.freeze_bn(qat_model) == 20
+    qat_model.train()
+    stats = {k: v.clone() for k, v in qat_model.state_dict().items() if "running_" in k}
+    qat_model(torch.randn(2, 3, 16, 16))
+    assert all(torch.equal(qat_model.state_dict()[k], v) for k, v in stats.items())
+    assert [id(p) for p in qat_model.parameters()] == params
+    assert qat.unfreeze_bn(qat_model) == 20
+    qat_model(torch.randn(2, 3, 16, 16))
+    assert not all(torch.equal(qat_model.state_dict()[k], v) for k, v in stats.items())

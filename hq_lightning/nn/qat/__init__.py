@@ -10,6 +10,7 @@ What convert reads (contract, docs/architecture.md):
   (``stride``, ``padding``...).
 """
 
+from hq_lightning.nn.qat.bn_freeze import freeze_bn, unfreeze_bn
 from hq_lightning.nn.qat.conv import Conv1d, Conv2d, Conv3d
 from hq_lightning.nn.qat.conv_transpose import ConvTranspose2d
 from hq_lightning.nn.qat.float_functional import FloatFunctional
@@ -32,4 +33,6 @@ __all__ = [
     "Linear",
     "QuantStub",
     "Upsample",
+    "freeze_bn",
+    "unfreeze_bn",
 ]
