@@ -251,3 +251,23 @@ def test_state_dict_round_trip_before_data_with_kept_bn():
 def test_missing_weight_factory_is_a_clear_error():
     with pytest.raises(ValueError, match="weight fake quant"):
         qat.Conv2d.from_float(nn.Conv2d(1, 1, 1), QConfig(activation=QC.activation, weight=None))
+
+
+@pytest.mark.parametrize(
+    "method, args, expected",
+    [
+        ("add", (torch.tensor([1.0, -0.3, 2.5]), torch.tensor([0.2, 0.1, 1.0])), lambda a, b: a + b),
+        ("mul", (torch.tensor([1.0, -0.3, 2.5]), torch.tensor([0.2, 0.1, 1.0])), lambda a, b: a * b),
+        ("mul_scalar", (torch.tensor([1.0, -0.3, 2.5]), 0.7), lambda a, b: a * b),
+        ("cat", ([torch.tensor([1.0, -0.3]), torch.tensor([4.0])],), lambda xs: torch.cat(xs)),
+    ],
+)
+def test_float_functional_fake_quantizes_every_output(method, args, expected):
+    from hq_lightning.nn.quantized.float_functional import FloatFunctional
+
+    module = qat.FloatFunctional.from_float(FloatFunctional(), QC)
+    out = getattr(module, method)(*args)
+    torch.testing.assert_close(out, ref_tensor_fq(expected(*args)), rtol=0, atol=0)
+    high_precision = qat.FloatFunctional.from_float(FloatFunctional(), QC_INT32_OUT)
+    assert high_precision.activation_post_process is None
+    assert torch.equal(getattr(high_precision, method)(*args), expected(*args))
