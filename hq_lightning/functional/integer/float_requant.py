@@ -153,14 +153,27 @@ def float_requant_factors(
         if addend_multiplier is None
         else addend_multiplier.to(torch.int64).expand(channels).tolist()
     )
-    y_min, y_max = (0, 0) if addend_dtype is None else (
-        torch.iinfo(addend_dtype).min,
-        torch.iinfo(addend_dtype).max,
+    y_min, y_max = (
+        (0, 0)
+        if addend_dtype is None
+        else (
+            torch.iinfo(addend_dtype).min,
+            torch.iinfo(addend_dtype).max,
+        )
     )
     for c, (lo, hi) in enumerate(zip(acc_min.tolist(), acc_max.tolist())):
         m_y = add_mults[c]
         if not _channel_is_exact(
-            lo, hi, biases[c], mults[c], shifts[c], out_min, out_max, y_min * m_y, y_max * m_y, bound
+            lo,
+            hi,
+            biases[c],
+            mults[c],
+            shifts[c],
+            out_min,
+            out_max,
+            y_min * m_y,
+            y_max * m_y,
+            bound,
         ):
             return None
     scale = torch.ldexp(torch.ones(channels, dtype=torch.float64), -torch.tensor(shifts))
@@ -181,11 +194,12 @@ def requantize_float(
     dtype: torch.dtype,
     channel_axis: int = 1,
     addend: Tensor | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """``clamp(floor(t m' + y m_y' + c'), out_min, out_max)`` as ``dtype``; exact under the factors' proof.
 
     ``total`` (float32 or float64, exact integers, bias-free) is reused as the float64 work
-    buffer when it is already float64 (it is overwritten).
+    buffer when it is already float64 (it is overwritten). ``out`` (optional) receives the result.
     """
     ndim = total.dim()
     value = total if total.dtype == torch.float64 else total.to(torch.float64)
@@ -200,7 +214,10 @@ def requantize_float(
         value.addcmul_(
             addend.to(torch.float64), channel_view(factors.addend_multiplier, channel_axis, ndim)
         )
-    if out_min >= 0:
-        # on [0, max] truncation (the float -> int conversion) is floor: skip the floor pass
-        return value.clamp_(out_min, out_max).to(dtype)
-    return value.floor_().clamp_(out_min, out_max).to(dtype)
+    if out_min < 0:
+        value.floor_()
+    # on [0, max] truncation (the float -> int conversion) is floor, so ReLU outputs skip floor_
+    value.clamp_(out_min, out_max)
+    if out is None:
+        return value.to(dtype)
+    return out.copy_(value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -49,6 +50,8 @@ class QuantizedWeightedModule(nn.Module):
     _kind = "conv2d"
     _weight_ch_axis = 0
     _out_axis = 1
+    #: target output elements per batch slice of the float epilogue (see ``_forward_float_requant``)
+    _slice_elements = 2**18
 
     def __init__(
         self,
@@ -188,7 +191,15 @@ class QuantizedWeightedModule(nn.Module):
 
     def _plan_key(self) -> tuple:
         # identity and in-place version of everything the derived fast path depends on
-        names = ("weight", "bias", "multiplier", "shift", "addend_multiplier", "clamp_min", "clamp_max")
+        names = (
+            "weight",
+            "bias",
+            "multiplier",
+            "shift",
+            "addend_multiplier",
+            "clamp_min",
+            "clamp_max",
+        )
         tensors = [getattr(self, name) for name in names]
         return tuple((id(t), t._version, t.device) if t is not None else None for t in tensors)
 
@@ -252,19 +263,55 @@ class QuantizedWeightedModule(nn.Module):
 
     def _forward_float_requant(self, x: Tensor, addend: Tensor | None) -> Tensor:
         # exact by the per-channel proof of float_requant_factors (docs section 7)
-        total = self._plan.accumulate_float(x, weight=self.weight, **self._op_kwargs())
         factors = self._float_requant
-        if factors.multiplier.device != total.device:
-            factors = self._float_requant = factors.to(total.device)
-        return requantize_float(
-            total,
-            factors,
-            self._out_min,
-            self._out_max,
-            torch_dtype(self.output_dtype),
-            self._out_axis,
-            addend,
+        if factors.multiplier.device != x.device:
+            factors = self._float_requant = factors.to(x.device)
+        dtype = torch_dtype(self.output_dtype)
+        step = self._batch_step(x, addend)
+        if step == 0:
+            total = self._plan.accumulate_float(x, weight=self.weight, **self._op_kwargs())
+            return requantize_float(
+                total, factors, self._out_min, self._out_max, dtype, self._out_axis, addend
+            )
+        # batch slices keep the float32/float64 temporaries small: cache-resident and reused
+        # by the allocator instead of fresh pages for every call (measured 1.3-2x on small layers)
+        out: Tensor | None = None
+        for start in range(0, x.shape[0], step):
+            stop = min(start + step, x.shape[0])
+            total = self._plan.accumulate_float(
+                x[start:stop], weight=self.weight, **self._op_kwargs()
+            )
+            if out is None:
+                out = torch.empty((x.shape[0], *total.shape[1:]), dtype=dtype, device=x.device)
+            requantize_float(
+                total,
+                factors,
+                self._out_min,
+                self._out_max,
+                dtype,
+                self._out_axis,
+                None if addend is None else addend[start:stop],
+                out=out[start:stop],
+            )
+        assert out is not None
+        return out
+
+    def _batch_step(self, x: Tensor, addend: Tensor | None) -> int:
+        """Samples per slice of the float epilogue, or 0 for one pass over the whole batch."""
+        batched = x.dim() >= 2 if self._kind == "linear" else x.dim() == len(self.stride) + 2
+        if not batched or x.is_cuda or torch.jit.is_tracing() or torch.jit.is_scripting():
+            return 0  # a trace must not bake the slice count of one batch size
+        per_sample = (
+            self._out_channels() * math.prod(x.shape[2:])
+            if self._kind != "linear"
+            else (self._out_channels() * math.prod(x.shape[1:-1]))
         )
+        step = max(1, self._slice_elements // max(per_sample, 1))
+        if step >= x.shape[0]:
+            return 0
+        if addend is not None and addend.shape[0] != x.shape[0]:
+            return 0  # a broadcast addend is not sliced along the batch
+        return step
 
     def _forward_float_high_precision(self, x: Tensor) -> Tensor:
         # |sum| + |bias| <= 2^53: float64 holds acc exactly; clamping inside the int32 range at
