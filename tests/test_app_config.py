@@ -235,9 +235,16 @@ def test_overrides_by_module_name_alias_and_by_type():
     deep_qat = names["blocks.4.conv.0"]
     assert deep_qat.activation.keywords["averaging_constant"] == 0.5
     assert deep_qat.activation.keywords["observer"].__name__ == "MinMaxObserver"
-    assert deep_qat.weight is None  # an explicit node is the whole qconfig
+    # an explicit node is merged onto the global one: the weight stays the global QAT weight
+    assert deep_qat.weight == named.default_qat_8bit_fake_quant_qconfig.weight
     deep_calib = dict(calibration["module_name"])["blocks.4.conv.0"]
     assert deep_calib.kind == "calibration"
+    assert deep_calib.activation.keywords["observer"].__name__ == "KLObserver"
+    # only one phase given: the other keeps the global qconfig
+    cfg = _compose(["+quant=qat", "+quant.overrides.x={module: head.0, qat: {activation: null}}"])
+    calibration, qat = build_qconfig_trees(cfg.quant)
+    assert dict(qat["module_name"])["head.0"].activation is None
+    assert dict(calibration["module_name"])["head.0"] == calibration[""]
 
 
 @pytest.mark.parametrize(
@@ -247,7 +254,7 @@ def test_overrides_by_module_name_alias_and_by_type():
         ("{module: classifier, type: torch.nn.Linear, preset: float}", "exactly one of `module`"),
         ("{preset: float}", "exactly one of `module`"),
         ("{module: classifier, preset: int4}", "preset` to be one of float, int8"),
-        ("{module: classifier}", "to set `preset`"),
+        ("{module: classifier}", "to set at least one of `preset`"),
         ("{type: torch.nn.NoSuchLayer, preset: float}", "importable path"),
         (
             "{module: classifier, qat: {activation: {averagin_constant: 1}}, preset: float}",

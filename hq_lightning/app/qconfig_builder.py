@@ -173,28 +173,37 @@ def _checked_override(entry: Any, where: str) -> DictConfig:
         ) from err
 
 
-def _override_qconfigs(alias: str, entry: DictConfig, mode: QuantMode) -> tuple[Any, Any]:
+def _override_qconfigs(
+    alias: str, entry: Any, quant: DictConfig, mode: QuantMode
+) -> tuple[Any, Any]:
+    """The (calibration, QAT) qconfigs of one override entry.
+
+    Per phase: an explicit node is merged onto the global node of that phase (so
+    ``qat: {activation: {averaging_constant: 0}}`` changes only that value); otherwise the preset's
+    qconfig; otherwise the global qconfig unchanged.
+    """
     where = f"quant.overrides.{alias}"
-    preset = entry.preset
+    preset = entry.get("preset")
     if preset is not None and preset not in PRESETS:
         raise ValueError(
             f"Expected `{where}.preset` to be one of {', '.join(PRESETS)}, but got {preset!r}."
         )
-    phases = ("calibration", "qat") if mode is QuantMode.qat else ("calibration",)
+    if preset is None and entry.get("calibration") is None and entry.get("qat") is None:
+        raise ValueError(
+            f"Expected `{where}` to set at least one of `preset` (one of {', '.join(PRESETS)}), "
+            f"`calibration` or `qat`, but got none. Example: +{where}.preset=int32_out"
+        )
     result = []
     for index, phase in enumerate(("calibration", "qat")):
-        node = entry[phase]
-        if node is not None:
-            result.append(instantiate_qconfig(node, f"{where}.{phase}"))
+        if phase == "qat" and mode is not QuantMode.qat:
+            result.append(None)
+        elif entry.get(phase) is not None:
+            merged = OmegaConf.merge(quant[phase], entry[phase])
+            result.append(instantiate_qconfig(merged, f"{where}.{phase}"))
         elif preset is not None:
             result.append(_named_qconfig(PRESETS[preset][index]))
-        elif phase in phases:
-            raise ValueError(
-                f"Expected `{where}` to set `preset` (one of {', '.join(PRESETS)}) or `{phase}`, "
-                f"but got neither. Example: +{where}.preset=int32_out"
-            )
         else:
-            result.append(None)
+            result.append(instantiate_qconfig(quant[phase], f"quant.{phase}"))
     return result[0], result[1]
 
 
@@ -224,17 +233,18 @@ def build_qconfig_trees(quant: DictConfig | QuantConf) -> QConfigTrees:
         }
     for alias, entry in quant.overrides.items():
         where = f"quant.overrides.{alias}"
-        entry = _checked_override(entry, where)
-        if (entry.module is None) == (entry.type is None):
+        checked = _checked_override(entry, where)
+        if (checked.module is None) == (checked.type is None):
             raise ValueError(
                 f"Expected `{where}` to set exactly one of `module` (a module name) or `type` "
-                f"(a class import path), but got module={entry.module!r}, type={entry.type!r}."
+                f"(a class import path), but got module={checked.module!r}, type={checked.type!r}."
             )
-        calib_qc, qat_qc = _override_qconfigs(alias, entry, mode)
-        if entry.module is not None:
-            key, target = "module_name", entry.module
+        # the raw entry, not the checked one: schema defaults must not overwrite global values
+        calib_qc, qat_qc = _override_qconfigs(alias, entry, quant, mode)
+        if checked.module is not None:
+            key, target = "module_name", checked.module
         else:
-            key, target = "module_type", import_by_path(entry.type, f"{where}.type")
+            key, target = "module_type", import_by_path(checked.type, f"{where}.type")
         calibration[key].append((target, calib_qc))
         if qat is not None:
             qat[key].append((target, qat_qc))
