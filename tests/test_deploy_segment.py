@@ -3,6 +3,7 @@
 import pytest
 import torch
 from deploy_detector import TwoStageDetector
+from torch import fx
 
 from hq_lightning import set_march
 from hq_lightning.deploy import export_torchscript, run_stages, split_stages
@@ -64,19 +65,55 @@ def test_each_stage_traces_with_float_inputs(detector):
         assert len(traced(*other)) == len(stage(*other))
 
 
-def test_integer_boundary_and_bad_split_points_raise(detector):
+def test_bad_split_points_raise(detector):
     _, converted = detector
     with pytest.raises(ValueError, match="split point"):
         split_stages(converted, at=["no_such_node"])
     with pytest.raises(ValueError, match="forward order"):
         split_stages(converted, at=["quant_roi", "decode_topk_boxes"])
-    # splitting inside the integer part: the value crossing is int8, which is refused at run time
-    first, second = split_stages(converted, at=["score"])
+
+
+@pytest.mark.parametrize("where", ["score", "backbone_end", "two_cuts"])
+def test_split_inside_the_integer_part_crosses_as_float(detector, where):
+    _, converted = detector
+    # node names of the fused backbone come from fusion; find them through the graph
+    score = next(n for n in converted.graph.nodes if n.target == "score")
+    backbone_end = score.args[0]  # the fused conv2+relu2, int8
+    backbone_start = next(iter(converted.graph.find_nodes(op="call_module", target="quant"))).next
+    at = {
+        "score": ["score"],
+        "backbone_end": [backbone_end.name],
+        "two_cuts": [backbone_start.name, "dequant_feat"],
+    }[where]
+    stages = split_stages(converted, at=at)
+    x = torch.rand(2, 3, 16, 16)
+    env = {"image": x}
+    for stage in stages[:-1]:
+        out = stage(*(env[name] for name in stage.stage_inputs))
+        assert all(t.is_floating_point() for t in out)  # a DeQuantize ends the stage
+        env.update(zip(stage.stage_outputs, out))
+    whole = converted(x)
+    got = run_stages(stages, x)
+    assert all(torch.equal(a, b) for a, b in zip(whole, got))
+    for stage in stages:
+        args = tuple(env[name] for name in stage.stage_inputs)
+        export_torchscript(stage, args)
+
+
+def test_integer_value_without_a_known_scale_is_refused():
+    class Net(torch.nn.Module):
+        def forward(self, x):
+            q = x.round().to(torch.int8)
+            return q.to(torch.float32) * 2
+
+    gm = fx.symbolic_trace(Net())
+    first, second = split_stages(gm, at=["to_1"])
     with pytest.raises(TypeError, match="crossing a stage boundary to be a float tensor"):
-        run_stages([first, second], torch.rand(1, 3, 16, 16))
+        run_stages([first, second], torch.rand(2, 3) * 10)
 
 
-def test_split_right_after_a_dequant_stub():
+@pytest.mark.parametrize("dequant_before_split", [True, False])
+def test_split_at_an_inserted_quant_stub(dequant_before_split):
     class Net(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -85,12 +122,17 @@ def test_split_right_after_a_dequant_stub():
             self.split, self.dequant2 = QuantStub(scale=None), DeQuantStub()
 
         def forward(self, x):
-            y = self.dequant(self.conv1(self.quant(x)))
+            y = self.conv1(self.quant(x))
+            if dequant_before_split:
+                y = self.dequant(y)
             return self.dequant2(self.conv2(self.split(y)))
 
     qat = prepare_qat_fx(Net(), {"": default_qat_8bit_fake_quant_qconfig})
     qat(torch.rand(2, 3, 4, 4))
     converted = convert_fx(qat)
-    stages = split_stages(converted, at="split")
+    first, second = split_stages(converted, at="split")
     x = torch.rand(3, 3, 4, 4)
-    assert torch.equal(run_stages(stages, x), converted(x))
+    (boundary,) = first(x)
+    assert boundary.is_floating_point()
+    assert torch.equal(second(boundary), converted(x))
+    assert torch.equal(run_stages([first, second], x), converted(x))

@@ -6,9 +6,12 @@ scale. Then split here. Stages follow the graph (forward) order: stage ``k`` hol
 split point ``at[k-1]`` (included) up to ``at[k]`` (excluded). A stage takes, as inputs, the values
 it uses from earlier stages or from the model's inputs, and returns, as a tuple, the values later
 stages or the model's output use. Values crossing a boundary must be float (end a stage with a
-DeQuantStub; start the next with the split QuantStub, which quantizes with its stored scale), so
-every stage runs and traces with float example inputs, and running the stages in sequence
-(:func:`run_stages`) equals running the whole model bit for bit.
+DeQuantStub; start the next with the split QuantStub, which quantizes with its stored scale). An
+int8/int16 value whose scale the graph states (the output of a converted QuantStub or integer
+module, possibly through scale-preserving ops) may cross too: its stage ends with a ``DeQuantize``
+at that scale and the next starts with a ``Quantize`` at the same scale, which gives back the
+integers exactly. So every stage runs and traces with float example inputs, and running the
+stages in sequence (:func:`run_stages`) equals running the whole model bit for bit.
 
 Example:
     >>> import torch
@@ -35,11 +38,16 @@ Example:
 from __future__ import annotations
 
 import copy
+import operator
 from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import fx
+import torch.nn.functional as F
+from torch import fx, nn
+
+from hq_lightning.dtype import QuantDType, as_dtype
+from hq_lightning.nn.quantized import DeQuantize, Quantize
 
 __all__ = ["split_stages", "run_stages", "check_float_boundary"]
 
@@ -56,6 +64,64 @@ def check_float_boundary(value: Any, name: str) -> Any:
             "a QuantStub(scale=None) (inserted before prepare), or split at another point."
         )
     return value
+
+
+# Ops that pass integers through with their scale (docs/integer-arithmetic.md, section 6).
+_SCALE_PRESERVING_MODULES = (
+    nn.ReLU,
+    nn.Identity,
+    nn.Dropout,
+    nn.Flatten,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+)
+_SCALE_PRESERVING_METHODS = {
+    "flatten", "reshape", "view", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
+    "relu",
+}
+_SCALE_PRESERVING_FUNCTIONS = {
+    torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze,
+    torch.unsqueeze, torch.relu, F.relu, F.max_pool1d, F.max_pool2d, F.max_pool3d,
+    operator.getitem,
+}
+
+
+def _integer_qparams(node: fx.Node, model: fx.GraphModule) -> tuple[torch.Tensor, QuantDType] | None:
+    """Per-tensor scale and dtype of an int8/int16 value of the converted graph, else ``None``.
+
+    Read from the module that produced it (``Quantize.scale``/``dtype``, an integer module's
+    ``output_scale``/``output_dtype``), looking through scale-preserving ops. ``None`` for float
+    values (after ``DeQuantize``, float ops) and for values whose scale cannot be read.
+    """
+    while True:
+        if node.op == "call_module":
+            module = model.get_submodule(str(node.target))
+            if isinstance(module, DeQuantize):
+                return None
+            if isinstance(module, Quantize):
+                return module.scale.detach().clone(), as_dtype(module.dtype)
+            scale = getattr(module, "output_scale", None)
+            dtype = getattr(module, "output_dtype", None)
+            if isinstance(scale, torch.Tensor) and dtype is not None:
+                dtype = as_dtype(dtype)
+                if scale.numel() == 1 and dtype in (QuantDType.qint8, QuantDType.qint16):
+                    return scale.detach().clone(), dtype
+                return None
+            if not isinstance(module, _SCALE_PRESERVING_MODULES):
+                return None
+        elif node.op == "call_method":
+            if node.target not in _SCALE_PRESERVING_METHODS:
+                return None
+        elif node.op == "call_function":
+            if node.target not in _SCALE_PRESERVING_FUNCTIONS:
+                return None
+        else:
+            return None
+        first = node.args[0] if node.args else None
+        if not isinstance(first, fx.Node):
+            return None
+        node = first
 
 
 def _split_indices(nodes: list[fx.Node], model: fx.GraphModule, at: Sequence[str]) -> list[int]:
@@ -124,6 +190,18 @@ def split_stages(model: fx.GraphModule, at: Sequence[str] | str) -> list[fx.Grap
         if used.op == "placeholder" or stage_of[used] != last:
             needed_by.setdefault(used, set()).add(last)
     model_inputs = [n.name for n in nodes if n.op == "placeholder"]
+    # integer values crossing a boundary: dequantized at the end of their stage, quantized again
+    # (exactly: |q| <= 2^15, so round(fp32(q * s) * fp32(1 / s)) == q) at the start of the next
+    boundary: dict[fx.Node, tuple[str, str]] = {}
+    for value in needed_by:
+        qparams = None if value.op == "placeholder" else _integer_qparams(value, model)
+        if qparams is not None:
+            scale, dtype = qparams
+            dequant_path = f"_boundary_dequant_{value.name}"
+            quant_path = f"_boundary_quant_{value.name}"
+            model.add_submodule(dequant_path, DeQuantize(scale))
+            model.add_submodule(quant_path, Quantize(scale, dtype))
+            boundary[value] = (dequant_path, quant_path)
     stages = []
     for k in range(last + 1):
         members = [n for n in nodes if n.op not in ("placeholder", "output") and stage_of[n] == k]
@@ -134,17 +212,23 @@ def split_stages(model: fx.GraphModule, at: Sequence[str] | str) -> list[fx.Grap
         for value in inputs:
             placeholder = graph.placeholder(value.name)
             placeholder.meta.update(value.meta)
-            env[value] = (
-                placeholder
-                if value.op == "placeholder"
-                else graph.call_function(check_float_boundary, (placeholder, value.name))
-            )
+            if value in boundary:
+                env[value] = graph.call_module(boundary[value][1], (placeholder,))
+            elif value.op == "placeholder":
+                env[value] = placeholder
+            else:
+                env[value] = graph.call_function(check_float_boundary, (placeholder, value.name))
         for node in members:
             env[node] = graph.node_copy(node, env.__getitem__)
         if k == last:
             graph.output(fx.node.map_arg(output_node.args[0], env.__getitem__))
         else:
-            graph.output(tuple(env[n] for n in outputs))
+            graph.output(
+                tuple(
+                    graph.call_module(boundary[n][0], (env[n],)) if n in boundary else env[n]
+                    for n in outputs
+                )
+            )
         stage = fx.GraphModule(model, graph, class_name=f"Stage{k}")
         stage.model_inputs = model_inputs
         stage.stage_inputs = [v.name for v in inputs]
