@@ -10,15 +10,19 @@ import torch
 
 from hq_lightning.functional.integer import (
     ConvPlan,
+    FloatRequantFactors,
+    accumulator_range,
     adaptive_avg_pool_sums,
     avg_pool_sum,
     bilinear_accumulate,
     chunk_channels,
+    float_requant_factors,
     quantize,
     quantize_bias,
     quantize_multiplier,
     quantize_multipliers,
     requantize,
+    requantize_float,
 )
 from tests.reference.integer_ref import (
     ref_bias,
@@ -27,6 +31,7 @@ from tests.reference.integer_ref import (
     ref_multipliers,
     ref_quantize,
     ref_requant,
+    rshift_round,
 )
 
 
@@ -224,3 +229,125 @@ def test_window_sums_and_bilinear_taps():
                 (256 - lam) * xs[:, :, j1, i0] + lam * xs[:, :, j1, i1]
             )
             assert acc[:, :, e, d].tolist() == expect.tolist()
+
+
+# -- exact float64 requantization (docs/integer-arithmetic.md, section 7) ---------------------
+
+
+def _ref_output(t: int, bias: int, m: int, n: int, lo: int, hi: int, y: int = 0, m_y: int = 0):
+    acc = max(-(2**31), min(2**31 - 1, t + bias))
+    return max(lo, min(hi, rshift_round(acc * m + y * m_y, n)))
+
+
+def _probe_accumulators(m: int, n: int, const: int, acc_min: int, acc_max: int, lo: int, hi: int):
+    """Accumulators where the output steps (each integer boundary, both sides) plus the extremes."""
+    probes = {acc_min, acc_max, 0, 1, -1}
+    for k in range(lo, hi + 2):
+        edge = -((const - k * 2**n) // m)  # smallest t with t*m + const >= k 2^n
+        probes.update(t for t in (edge - 1, edge, edge + 1) if acc_min <= t <= acc_max)
+    return sorted(probes)
+
+
+@pytest.mark.parametrize(
+    "lo, hi, bias, addend",
+    [
+        (-128, 127, 0, None),
+        (0, 127, -(2**20), None),
+        (-32768, 32767, 3, None),
+        (0, 100, 7, "qint8"),
+    ],
+)
+def test_float_requant_is_exact_at_the_float64_bound(lo, hi, bias, addend):
+    # a dense odd 31-bit multiplier and the largest shift the proof accepts: the products of the
+    # probed accumulators reach past 2^52, where float64 has no spare bit
+    m, m_y = 2**31 - 1, 2**30 + 12345
+    acc_min, acc_max = -(2**31) + 2**21, 2**31 - 2**21
+    y_dtype = None if addend is None else torch.int8
+    accepted = []
+    for n in range(20, 63):
+        factors = float_requant_factors(
+            torch.tensor([acc_min]),
+            torch.tensor([acc_max]),
+            torch.tensor([bias], dtype=torch.int32),
+            torch.tensor([m]),
+            torch.tensor([n]),
+            lo,
+            hi,
+            None if addend is None else torch.tensor([m_y]),
+            y_dtype,
+        )
+        if factors is not None:
+            accepted.append((n, factors))
+    assert accepted and accepted[-1][0] < 62  # the proof really rejects larger shifts
+    n, factors = accepted[-1]
+    const = bias * m + 2 ** (n - 1)
+    ts = _probe_accumulators(m, n, const, acc_min, acc_max, lo, hi)
+    assert max(abs(t * m + const) for t in ts if _ref_output(t, bias, m, n, lo, hi) < hi) > 2**52
+    ys = [0] if addend is None else [-128, -1, 0, 1, 127]
+    for y in ys:
+        total = torch.tensor(ts, dtype=torch.float64).reshape(1, -1)
+        y_t = None if addend is None else torch.full((1, len(ts)), y, dtype=torch.int8)
+        out = requantize_float(total, factors, lo, hi, torch.int64, channel_axis=0, addend=y_t)
+        expect = [_ref_output(t, bias, m, n, lo, hi, y, m_y if addend else 0) for t in ts]
+        assert out.flatten().tolist() == expect
+
+
+def test_float_requant_guard_rejects_a_case_float64_gets_wrong():
+    # t m = 2^61 - 2 rounds up to 2^61 in float64, so floor((t m + 2^61) / 2^62) becomes 1, not 0
+    t, m, n = 2**31 - 2, 2**30 + 1, 62
+    assert _ref_output(t, 0, m, n, -128, 127) == 0
+    forced = FloatRequantFactors(
+        torch.tensor([m * 2.0**-n], dtype=torch.float64),
+        torch.tensor([2.0**-1], dtype=torch.float64),
+        None,
+    )
+    total = torch.tensor([[float(t)]], dtype=torch.float64)
+    assert requantize_float(total, forced, -128, 127, torch.int8, channel_axis=0).item() == 1
+    rejected = float_requant_factors(
+        torch.tensor([-(2**31)]),
+        torch.tensor([2**31 - 1]),
+        None,
+        torch.tensor([m]),
+        torch.tensor([n]),
+        -128,
+        127,
+    )
+    assert rejected is None
+
+
+def test_float_requant_rejects_int32_saturation_inside_the_window():
+    # bias near the int32 limit: the accumulator saturates where the output is not yet saturated
+    args = (torch.tensor([-1000]), torch.tensor([1000]))
+    m, n = torch.tensor([1]), torch.tensor([26])  # M = 2^-26: int32 max -> 32, not saturated
+    near = torch.tensor([2**31 - 500], dtype=torch.int32)
+    assert float_requant_factors(*args, near, m, n, -128, 127) is None
+    assert float_requant_factors(*args, torch.tensor([5], dtype=torch.int32), m, n, -128, 127)
+    # with M = 2^-20 the same bias saturates the int8 output first: the float path is exact again
+    assert float_requant_factors(*args, near, m, torch.tensor([20]), -128, 127) is not None
+
+
+@pytest.mark.parametrize("kind", ["conv2d", "linear", "conv_transpose2d"])
+@pytest.mark.parametrize("act", [torch.int8, torch.int16])
+def test_accumulator_range_is_a_tight_bound(kind, act):
+    gen = torch.Generator().manual_seed(9)
+    info = torch.iinfo(act)
+    if kind == "linear":
+        w = torch.randint(-128, 128, (3, 7), generator=gen).to(torch.int8)
+        per_channel = w.long()
+    elif kind == "conv2d":
+        w = torch.randint(-128, 128, (3, 2, 2, 2), generator=gen).to(torch.int8)
+        per_channel = w.long().reshape(3, -1)
+    else:  # [C_in, C_out/g, kh, kw], groups=2 -> output channel g*opg + j
+        w = torch.randint(-128, 128, (4, 3, 1, 1), generator=gen).to(torch.int8)
+        per_channel = torch.stack(
+            [w[g * 2 : g * 2 + 2, j].long().flatten() for g in (0, 1) for j in range(3)]
+        )
+    acc_min, acc_max = accumulator_range(w, kind, 2 if kind == "conv_transpose2d" else 1, act)
+    for c in range(per_channel.shape[0]):
+        top = sum(max(info.max * v, info.min * v) for v in per_channel[c].tolist())
+        bottom = sum(min(info.max * v, info.min * v) for v in per_channel[c].tolist())
+        assert (int(acc_min[c]), int(acc_max[c])) == (bottom, top)
+    if kind == "conv2d":  # the extremes are reached by the matching input
+        x = torch.where(w[1:2] > 0, info.max, info.min).to(act)
+        plan = ConvPlan.build(w, kind, 1, act)
+        assert int(plan.accumulate_float(x)[0, 1]) == int(acc_max[1])

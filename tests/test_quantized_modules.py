@@ -150,6 +150,97 @@ def test_conv2d_matches_reference(case):
     assert out.long().tolist() == expect.tolist()
     if case["out"] != "qint32":  # the tests exercise saturation
         assert int(out.max()) == conv.clamp_max.item() or case["activation"] == "relu6"
+    # every forward path gives the same bits: int64 epilogue, one sample per epilogue slice
+    args = (x,) if addend is None else (x, addend)
+    assert torch.equal(conv._forward_int64(x, addend), out)
+    conv._slice_elements = 1
+    assert torch.equal(conv(*args), out)
+
+
+def _extreme_rows(w: torch.Tensor) -> torch.Tensor:
+    """int8 inputs that drive each output channel's accumulator to its max and to its min."""
+    top = torch.where(w > 0, 127, -128)
+    bottom = torch.where(w > 0, -128, 127)
+    return torch.cat([top, bottom]).to(torch.int8)
+
+
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_deep_layer_float_epilogue_matches_reference_at_extreme_accumulators(activation):
+    # K = 4608 (ResNet-18 layer4 3x3x512): |acc| * m can reach 2^57, past float64's 2^53, so the
+    # float epilogue is exact only through the saturated-window argument; probe the extremes.
+    gen = torch.Generator().manual_seed(11)
+    k, c = 4608, 6
+    w = torch.randn(c, k, generator=gen) * 0.02
+    s_w = w.abs().amax(1) / 127
+    fc = QuantizedLinear.from_float_params(
+        w, torch.randn(c, generator=gen), s_w, 0.03, 0.05, activation=activation
+    )
+    assert fc._float_requant is not None and len(fc._plan.chunks) > 1
+    acc_max = int(fc._plan.accumulator_range(torch.int8)[1].max())
+    assert acc_max * int(fc.multiplier.max()) > 2**53
+    x = torch.cat([_extreme_rows(fc.weight), _ints(gen, (4, k), "qint8")])
+    x[-1] = 0
+    exact = x.numpy().astype(object) @ fc.weight.numpy().astype(object).T
+    expect = ref_conv_output(
+        exact,
+        fc.bias.numpy(),
+        float(np.float32(0.03)),
+        _f(fc.weight_scale),
+        float(np.float32(0.05)),
+        "qint8",
+        activation,
+    )
+    out = fc(x)
+    assert out.long().tolist() == expect.tolist()
+    assert torch.equal(fc._forward_int64(x, None), out)
+    # row i drives channel i to its extreme accumulator: both output saturation ends are hit
+    assert out[:c].diagonal().tolist() == [127] * c
+    assert out[c : 2 * c].diagonal().tolist() == [fc.clamp_min.item()] * c
+
+
+def test_int64_fallback_when_the_float_proof_fails_and_rebuild_after_buffer_changes():
+    # int16 in/out with a tiny factor: the unsaturated window spans products far beyond 2^53
+    gen = torch.Generator().manual_seed(12)
+    w = torch.randn(3, 40, generator=gen)
+    fc = QuantizedLinear.from_float_params(
+        w,
+        None,
+        w.abs().amax(1) / 127,
+        1.0e-4,
+        1.0e-2,
+        input_dtype="qint16",
+        output_dtype="qint16",
+    )
+    assert fc._float_requant is None
+    x = _ints(gen, (5, 40), "qint16")
+    x[:2] = torch.where(fc.weight > 0, 32767, -32768)[:2].to(torch.int16)
+    exact = x.numpy().astype(object) @ fc.weight.numpy().astype(object).T
+    expect = ref_conv_output(
+        exact,
+        None,
+        float(np.float32(1.0e-4)),
+        _f(fc.weight_scale),
+        float(np.float32(1.0e-2)),
+        "qint16",
+    )
+    assert fc(x).long().tolist() == expect.tolist()
+    # an int8 layer takes the float path; changing a buffer in place rebuilds the derived factors
+    conv = QuantizedConv2d.from_float_params(
+        torch.randn(4, 3, 3, 3, generator=gen),
+        torch.randn(4, generator=gen),
+        torch.full((4,), 0.01),
+        0.05,
+        0.1,
+        padding=1,
+    )
+    assert conv._float_requant is not None
+    xc = _ints(gen, (2, 3, 5, 5), "qint8")
+    before = conv(xc)
+    conv.bias.add_(700)
+    conv.multiplier[1] += 12345
+    after = conv(xc)
+    assert not torch.equal(before, after)
+    assert torch.equal(after, conv._forward_int64(xc, None))
 
 
 def test_weights_and_bias_quantized_by_the_fake_quant_rule():
