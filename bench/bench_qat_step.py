@@ -46,19 +46,25 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from hq_lightning.quantization import prepare_qat_fx
+from hq_lightning.quantization import FakeQuantize, prepare_qat_fx
 from hq_lightning.quantization.qconfig import default_qat_8bit_fake_quant_qconfig
 from tests.models import mobilenet_v2, resnet18
 
 _LIBC = ctypes.CDLL("libc.so.6")
 MODELS = {"resnet18": resnet18, "mobilenet_v2": mobilenet_v2}
 VARIANTS = ("float", "hq fuse_bn", "hq with_bn", "torch.ao")
+#: Where the time of "hq fuse_bn" goes: the same prepared model with fake quant and/or observers off.
+BREAKDOWN = ("hq fuse_bn (fake quant + observers off)", "hq fuse_bn (observers only)")
 
 
 def build(model_name: str, variant: str, example: torch.Tensor, device: str) -> torch.nn.Module:
     model = MODELS[model_name]().train()
-    if variant == "hq fuse_bn":
+    if variant.startswith("hq fuse_bn"):
         model = prepare_qat_fx(model, {"": default_qat_8bit_fake_quant_qconfig})
+        for module in model.modules():
+            if isinstance(module, FakeQuantize):
+                module.fake_quant_enabled = variant == "hq fuse_bn"
+                module.observer_enabled = variant != BREAKDOWN[0]
     elif variant == "hq with_bn":
         model = prepare_qat_fx(model, {"": default_qat_8bit_fake_quant_qconfig}, qat_mode="with_bn")
     elif variant == "torch.ao":
@@ -168,7 +174,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--models", default="resnet18,mobilenet_v2")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated, among {VARIANTS + BREAKDOWN}")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--out", default=None, help="markdown file to write (default: print only)")
     args = parser.parse_args()

@@ -14,6 +14,8 @@ attributes, so ``qat.Conv2d`` built from a ``ConvBNAddReLU2d`` prints as ``ConvB
 With a kept BN the running-statistics scale ``gamma / sqrt(running_var + eps)`` is folded into the
 weight before its fake quant and divided out after the conv, so BN still normalises with batch
 statistics in training while the weight is quantized as it will be deployed; one conv per step.
+In that training path the fold factor is a constant for autograd (BN's own parameters still get
+their gradients through the BN), which saves keeping the conv output for the division's gradient.
 In the FLOAT state (weight fake quant and observer both off) it computes exactly ``bn(conv(x))``.
 After :meth:`freeze_bn` (or in ``eval()``) it runs the folded conv with running statistics,
 which is what convert deploys.
@@ -185,6 +187,11 @@ class FusedWeightedMixin:
             # FLOAT state: exactly the float model's conv -> bn
             return bn(self._weighted_forward(x, self.weight, self.bias))
         factor = self._bn_scale_factor()
+        if bn.training:
+            # Batch statistics: the fold (w * f) and the unfold (/ f) cancel, and under the
+            # straight-through estimator so do their gradients; a constant f gives the same
+            # gradients (up to clipped weights) without saving the conv output for d/df.
+            factor = factor.detach()
         weight = fake_quant(self.weight * factor.reshape(self._weight_channel_shape()))
         if not bn.training:
             # running statistics: conv -> bn is the folded conv, as deployed
