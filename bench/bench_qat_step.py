@@ -9,6 +9,10 @@ the median of repeated steps in one process (steps of all variants interleaved),
 - ``torch.ao``: ``torch.ao.quantization.quantize_fx.prepare_qat_fx`` with
   ``get_default_qat_qconfig_mapping("x86")`` (the baseline; only bench/ imports torch.ao).
 
+Time is reported as wall-clock and as process CPU time (``time.process_time``); on a shared
+machine the CPU time is the steadier of the two (it does not count time the process waits for a
+core), with one intra-op thread it is the step's compute.
+
 Peak memory of a step, relative to the float step. Measured on the step after the warm-up, with
 gradients freed (``zero_grad(set_to_none=True)``), as the peak minus the memory in use before the
 step (weights and optimizer state are in both, so the delta is gradients + what forward saves for
@@ -103,7 +107,7 @@ def inputs(batch: int, size: int, device: str):
 
 
 def measure_variants(model_name, variants, args) -> dict[str, tuple[float, int | None]]:
-    """(median step seconds, peak step bytes) of each variant; timed steps interleave round-robin
+    """(median wall seconds, median CPU seconds, peak step bytes) of each variant; timed steps interleave round-robin
     so that load on a shared machine drifts over all variants alike."""
     x, target = inputs(args.batch, args.size, args.device)
     steps = {v: make_step(build(model_name, v, x.cpu(), args.device), args.device) for v in variants}
@@ -111,15 +115,17 @@ def measure_variants(model_name, variants, args) -> dict[str, tuple[float, int |
         for step in steps.values():
             step(x, target)
     times: dict[str, list[float]] = {v: [] for v in variants}
+    cpu_times: dict[str, list[float]] = {v: [] for v in variants}
     for _ in range(args.steps):
         for variant, step in steps.items():
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             step(x, target)
             times[variant].append(time.perf_counter() - start)
+            cpu_times[variant].append(time.process_time() - cpu_start)
     results = {}
     for variant, step in steps.items():
         memory = None if args.no_memory else peak_step_memory(step, step.optimizer, x, target, args.device)
-        results[variant] = (statistics.median(times[variant]), memory)
+        results[variant] = (statistics.median(times[variant]), statistics.median(cpu_times[variant]), memory)
     return results
 
 
@@ -186,23 +192,23 @@ def main() -> None:
     rows = []
     for model_name in args.models.split(","):
         results = measure_variants(model_name, variants, args)
-        for variant, (seconds, memory) in results.items():
-            print(f"{model_name:13s} {variant:11s} {seconds * 1e3:8.1f} ms"
+        for variant, (seconds, cpu_seconds, memory) in results.items():
+            print(f"{model_name:13s} {variant:11s} {seconds * 1e3:8.1f} ms (CPU {cpu_seconds * 1e3:8.1f} ms)"
                   + ("" if memory is None else f"  peak step memory {memory / 2**20:8.1f} MiB"), flush=True)
-        float_s, float_m = results["float"]
-        for variant, (seconds, memory) in results.items():
+        float_s, float_cpu, float_m = results["float"]
+        for variant, (seconds, cpu_seconds, memory) in results.items():
             mem_ratio = "" if memory is None or not float_m else f"{memory / float_m:.2f}"
-            rows.append((model_name, variant, seconds * 1e3, seconds / float_s,
+            rows.append((model_name, variant, seconds * 1e3, seconds / float_s, cpu_seconds * 1e3, cpu_seconds / float_cpu,
                          None if memory is None else memory / 2**20, mem_ratio))
 
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({platform.processor() or platform.machine()}), {args.threads} threads"
     lines = [
-        "| model | variant | step (ms, median) | / float | peak step memory (MiB) | / float |",
-        "|---|---|---|---|---|---|",
+        "| model | variant | wall step (ms, median) | / float | CPU step (ms, median) | / float | peak step memory (MiB) | / float |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for model_name, variant, ms, ratio, mib, mem_ratio in rows:
+    for model_name, variant, ms, ratio, cpu_ms, cpu_ratio, mib, mem_ratio in rows:
         mem = "" if mib is None else f"{mib:.1f}"
-        lines.append(f"| {model_name} | {variant} | {ms:.1f} | {ratio:.2f} | {mem} | {mem_ratio} |")
+        lines.append(f"| {model_name} | {variant} | {ms:.1f} | {ratio:.2f} | {cpu_ms:.1f} | {cpu_ratio:.2f} | {mem} | {mem_ratio} |")
     table = "\n".join(lines)
     header = (f"device: {device}; torch {torch.__version__}; input {args.size}x{args.size}, batch {args.batch}; "
               f"{args.steps} timed steps after {args.warmup} warm-up steps")
