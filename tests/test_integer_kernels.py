@@ -148,18 +148,43 @@ def test_conv_transpose2d_accumulator_matches_reference():
     assert acc.tolist() == ref.tolist()
 
 
-def test_chunks_split_input_channels_and_stay_exact():
-    # 3x3 kernel, |w| = 127: 2^24 // (9 * 127 * 128) = 114 channels per chunk.
+def test_chunks_are_greedy_under_the_abs_weight_sum_rule_and_stay_exact():
+    # the uniform rule (every weight at max|w|): 2^24 // (9 * 127 * 128) = 114 channels per chunk
     assert chunk_channels(9, 127, 128) == 114
     gen = torch.Generator().manual_seed(7)
     w = torch.randint(-127, 128, (2, 300, 3, 3), generator=gen).to(torch.int8)
-    w[0, 0, 0, 0] = 127
+    w[0, :, 0, 0] = -128  # output channel 0 is the heavier one everywhere
     plan = ConvPlan.build(w, "conv2d", 1, torch.int8)
-    assert [b for b in plan.bounds] == [(0, 114), (114, 228), (228, 300)]
-    x = torch.randint(-128, 128, (1, 300, 3, 3), generator=gen).to(torch.int8)
+    # slow greedy reference: extend a chunk while 128 * sum|w| <= 2^24 for both output channels
+    sums = [[sum(abs(v) for v in w[o, i].flatten().tolist()) for i in range(300)] for o in (0, 1)]
+    expect, start, running = [], 0, [0, 0]
+    for i in range(300):
+        if max(running[o] + sums[o][i] for o in (0, 1)) * 128 > 2**24:
+            expect.append((start, i))
+            start, running = i, [0, 0]
+        running = [running[o] + sums[o][i] for o in (0, 1)]
+    expect.append((start, 300))
+    assert plan.bounds == expect
+    assert len(expect) == 2 and expect[0][1] > 114  # fewer chunks than the uniform rule's 3
+    # inputs at the sign of channel 0's weights: its chunk sums reach their worst case
+    x = torch.where(w[:1] > 0, 127, -128).to(torch.int8)
+    assert max(
+        abs(int((x.long() * w[:1].long())[:, a:b].sum())) for a, b in expect
+    ) > 2**24 - 128 * 9 * 128
     acc = plan.accumulate(x, None, 1, 0, 1)
     exact = (x.long().reshape(1, -1) * w.long().reshape(2, -1)).sum(-1)
     assert acc.flatten().tolist() == exact.tolist()
+
+
+def test_conv_transpose2d_chunks_per_group_stay_exact():
+    gen = torch.Generator().manual_seed(13)
+    w = torch.randint(-128, 128, (1200, 2, 2, 2), generator=gen).to(torch.int8)  # groups=2
+    plan = ConvPlan.build(w, "conv_transpose2d", 2, torch.int8)
+    assert len(plan.bounds) > 1
+    x = torch.where(torch.rand(1, 1200, 2, 2, generator=gen) > 0.5, 127, -128).to(torch.int8)
+    acc = plan.accumulate(x, None, (1, 1), (0, 0), (1, 1), output_padding=(0, 0))
+    ref = ref_conv_transpose2d(x.numpy(), w.numpy(), (1, 1), (0, 0), (0, 0), groups=2)
+    assert acc.tolist() == ref.tolist()
 
 
 def test_worst_case_accumulation_is_exact_where_naive_float32_rounds():

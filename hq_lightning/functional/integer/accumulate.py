@@ -3,8 +3,9 @@
 Every product of an int8/int16 activation and an int8 weight is an integer, and a float32 sum of
 integers is exact while every partial sum stays within 2^24 in magnitude, whatever the order of
 summation. So the weight's per-group input channels are cut into chunks small enough that
-``chunk_channels * kernel_area * max|x| * max|w| <= 2^24`` and each chunk runs as an ordinary
-float32 convolution; chunk results are summed in float64 (exact below 2^53). int16 activations
+``max|x| * sum |w|`` over a chunk's taps stays <= 2^24 for every output channel (greedy, maximal;
+``chunk_channels`` is the cruder uniform rule ``kernel_area * max|w|`` per channel) and each chunk
+runs as an ordinary float32 convolution; chunk results are summed in float64 (exact below 2^53). int16 activations
 are split into a signed high byte and an unsigned low byte, ``x = 256 * hi + lo``, both run in the
 same float32 call (stacked on the batch axis) and are recombined exactly. On CUDA the whole sum
 runs in float64 with cuDNN disabled (im2col + DGEMM, no Winograd/FFT transforms, no TF32).
@@ -22,7 +23,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -40,7 +40,10 @@ _KINDS = ("conv1d", "conv2d", "conv3d", "conv_transpose2d", "linear")
 
 
 def chunk_channels(kernel_area: int, max_abs_weight: int, max_abs_input: int) -> int:
-    """Input channels per chunk so that a float32 partial sum never exceeds 2^24 (0: none fits)."""
+    """Input channels per chunk if every weight were ``max_abs_weight`` (0: none fits).
+
+    A uniform lower bound on the chunk size; ``ConvPlan.build`` uses the actual ``sum |w|``.
+    """
     per_channel = kernel_area * max(max_abs_weight, 1) * max_abs_input
     return EXACT_FLOAT32_BOUND // per_channel
 
@@ -48,6 +51,38 @@ def chunk_channels(kernel_area: int, max_abs_weight: int, max_abs_input: int) ->
 def _max_abs_input(activation_dtype: torch.dtype) -> int:
     # int8 values reach |-128|; int16 is split into bytes, the unsigned low byte reaches 255.
     return 128 if activation_dtype == torch.int8 else 255
+
+
+def _abs_weight_sums(weight: Tensor, groups: int, transposed: bool) -> Tensor:
+    """``[C_out, C_in/groups]``: sum of ``|w|`` over the kernel taps, per output and input channel."""
+    w = weight.to(torch.int64).abs()
+    if transposed:  # [C_in, C_out/g, k...] -> [g * C_out/g, C_in/g]
+        cpg = w.shape[0] // groups
+        w = w.reshape(groups, cpg, w.shape[1], -1).sum(-1).transpose(1, 2)
+        return w.reshape(-1, cpg)
+    return w.reshape(w.shape[0], w.shape[1], -1).sum(-1)
+
+
+def _chunk_bounds(abs_sums: Tensor, activation_dtype: torch.dtype) -> list[tuple[int, int]]:
+    """Greedy maximal input-channel ranges with ``max|x| * sum_range |w| <= 2^24`` for every output.
+
+    Any partial sum of a chunk is at most ``sum |x_k| |w_k| <= max|x| sum |w_k|`` in magnitude,
+    so it is an exact float32 integer whatever the order. Empty: one channel alone does not fit.
+    """
+    limit = EXACT_FLOAT32_BOUND // _max_abs_input(activation_dtype)
+    channels = abs_sums.shape[1]
+    cumulative = torch.nn.functional.pad(abs_sums.cumsum(1), (1, 0))  # [C_out, cpg + 1]
+    bounds: list[tuple[int, int]] = []
+    start = 0
+    while start < channels:
+        # channels [start, stop) fit iff max_c (cum[c, stop] - cum[c, start]) <= limit (monotone)
+        used = (cumulative[:, start + 1 :] - cumulative[:, start : start + 1]).amax(0)
+        fitting = int((used <= limit).sum())
+        if fitting == 0:
+            return []
+        bounds.append((start, start + fitting))
+        start += fitting
+    return bounds
 
 
 @dataclass
@@ -59,7 +94,8 @@ class ConvPlan:
         weight: the int8 weight (layout of the float op).
         groups: conv groups.
         channels_per_group: input channels per group.
-        bounds: ``(start, stop)`` input-channel ranges within a group, one per chunk.
+        bounds: ``(start, stop)`` input-channel ranges within a group, one per chunk: greedy and
+            maximal with ``max|x| * sum |w| <= 2^24`` over a chunk's taps for every output channel.
         chunks: float32 weight slices, one per chunk; empty means "float64 path only".
     """
 
@@ -79,16 +115,8 @@ class ConvPlan:
             raise ValueError(f"Expected `kind` to be one of {_KINDS}, but got {kind!r}.")
         transposed = kind == "conv_transpose2d"
         cpg = weight.shape[0] // groups if transposed else weight.shape[1]
-        kernel_area = math.prod(weight.shape[2:]) if weight.dim() > 2 else 1
-        max_w = int(weight.to(torch.int32).abs().max()) if weight.numel() else 1
-        per_chunk = chunk_channels(kernel_area, max_w, _max_abs_input(activation_dtype))
-        bounds: list[tuple[int, int]] = []
-        chunks: list[Tensor] = []
-        if per_chunk >= 1:
-            for start in range(0, cpg, per_chunk):
-                stop = min(start + per_chunk, cpg)
-                bounds.append((start, stop))
-                chunks.append(cls._slice_weight(weight, start, stop, groups, cpg, transposed))
+        bounds = _chunk_bounds(_abs_weight_sums(weight, groups, transposed), activation_dtype)
+        chunks = [cls._slice_weight(weight, a, b, groups, cpg, transposed) for a, b in bounds]
         return cls(kind, weight, groups, cpg, bounds, chunks)
 
     @staticmethod

@@ -18,7 +18,7 @@ Example:
     >>> w = torch.tensor([[3, -2]], dtype=torch.int8)
     >>> acc_min, acc_max = accumulator_range(w, "linear", 1, torch.int8)
     >>> acc_min.tolist(), acc_max.tolist()
-    ([-640], [637])
+    ([-638], [637])
     >>> factors = float_requant_factors(acc_min, acc_max, None, torch.tensor([3]), torch.tensor([2]),
     ...                                 -128, 127)
     >>> t = torch.tensor([[-5.0, 6.0, 400.0]], dtype=torch.float64)
