@@ -97,7 +97,24 @@ def write_summary(sweep_dir: str | Path) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def _terminal_columns(header: list[str], rows: list[list[str]]) -> tuple[list[str], list[list[str]]]:
+    """A narrower view for the terminal: overrides by their last two key parts, and per phase
+    only the accuracy-like metric when there is one (summary.md / .csv keep every column)."""
+    keep = []
+    for index, name in enumerate(header):
+        parts = name.split("/")
+        is_metric = len(parts) > 1
+        if not is_metric or "acc" in parts[-1] or not any("acc" in h for h in header):
+            keep.append(index)
+    labels = []
+    for index in keep:
+        name = header[index]
+        labels.append(name if "/" in name else ".".join(name.lstrip("+~").split(".")[-2:]))
+    return labels, [[row[i] for i in keep] for row in rows]
+
+
 def _print(header: list[str], rows: list[list[str]], title: str) -> None:
+    header, rows = _terminal_columns(header, rows)
     try:
         from rich.console import Console
         from rich.table import Table
@@ -106,7 +123,7 @@ def _print(header: list[str], rows: list[list[str]], title: str) -> None:
         return
     table = Table(title=title)
     for name in header:
-        table.add_column(name, justify="left" if name == "job" else "right")
+        table.add_column(name, justify="left" if name == "job" else "right", overflow="fold")
     for row in rows:
         table.add_row(*row)
     Console().print(table)
