@@ -24,9 +24,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from hq_lightning.callbacks import QuantizationCallback
 from hq_lightning.qconfig import (
     default_calib_8bit_fake_quant_qconfig,
+    default_calib_8bit_weight_32bit_out_fake_quant_qconfig,
     default_qat_8bit_fake_quant_qconfig,
     default_qat_8bit_weight_32bit_out_fake_quant_qconfig,
-    default_calib_8bit_weight_32bit_out_fake_quant_qconfig,
 )
 from hq_lightning.quantization import DeQuantStub, QuantStub
 

@@ -49,7 +49,9 @@ def main(argv: list[str] | None = None) -> tuple[list[str], list[list[str]]]:
     parser.add_argument("--averaging-constants", default="0.01,0")
     args = parser.parse_args(argv)
     given = [a.split("=", 1)[1] for a in extra if a.startswith("hydra.sweep.dir=")]
-    sweep_dir = Path(given[-1] if given else f"multirun/qconfig_sweep/{time.strftime('%Y-%m-%d_%H-%M-%S')}")
+    sweep_dir = Path(
+        given[-1] if given else f"multirun/qconfig_sweep/{time.strftime('%Y-%m-%d_%H-%M-%S')}"
+    )
     if not given:
         extra.append(f"hydra.sweep.dir={sweep_dir}")
 

@@ -16,7 +16,7 @@ the integer model and evaluates that too.
 from __future__ import annotations
 
 import argparse
-from typing import Dict, List, Optional  # noqa: UP035 - the chapter's signatures
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -71,7 +71,7 @@ class Anchors(nn.Module):
 
 
 class Targets(nn.Module):
-    def forward(self, anchors, gt_labels: List[torch.Tensor]):
+    def forward(self, anchors, gt_labels: list[torch.Tensor]):
         cls_label, cls_mask, reg_label, reg_mask = [], [], [], []
         for gt in gt_labels:  # rows (x1, y1, x2, y2, class + 1)
             iou = box_iou(anchors, gt[:, :4])
@@ -82,8 +82,12 @@ class Targets(nn.Module):
             reg_label.append((gt[index, :4] - anchors) / BOX)
             reg_mask.append(positive[:, None].float().expand(-1, 4))
         stack = lambda xs: torch.stack(xs)  # noqa: E731
-        labels = {"cls_label": stack(cls_label), "cls_label_mask": stack(cls_mask),
-                  "reg_label": stack(reg_label), "reg_label_mask": stack(reg_mask)}
+        labels = {
+            "cls_label": stack(cls_label),
+            "cls_label_mask": stack(cls_mask),
+            "reg_label": stack(reg_label),
+            "reg_label_mask": stack(reg_mask),
+        }
         return None, labels
 
 
@@ -130,13 +134,13 @@ class RetinaNet(nn.Module):
         self.loss_cls, self.loss_reg = loss_cls, loss_reg
         self.dequant_feat = DeQuantStub()  # the one addition, see forward
 
-    def rearrange_head_out(self, inputs: List[torch.Tensor], num: int):
+    def rearrange_head_out(self, inputs: list[torch.Tensor], num: int):
         outputs = []
         for t in inputs:
             outputs.append(t.permute(0, 2, 3, 1).reshape(t.shape[0], -1, num))
         return torch.cat(outputs, dim=1)
 
-    def forward(self, data: Dict):
+    def forward(self, data: dict):
         feat = self.backbone(data["img"])
         feat = self.neck(feat) if self.neck else feat
         cls_scores, bbox_preds = self.head(feat)
@@ -163,15 +167,27 @@ class RetinaNet(nn.Module):
             avg_factor = labels["reg_label_mask"].sum()
             if avg_factor == 0:
                 avg_factor += 1
-            cls_loss = self.loss_cls(pred=cls_scores.sigmoid(), target=labels["cls_label"],
-                                     weight=labels["cls_label_mask"], avg_factor=avg_factor)
-            reg_loss = self.loss_reg(pred=bbox_preds, target=labels["reg_label"],
-                                     weight=labels["reg_label_mask"], avg_factor=avg_factor)
+            cls_loss = self.loss_cls(
+                pred=cls_scores.sigmoid(),
+                target=labels["cls_label"],
+                weight=labels["cls_label_mask"],
+                avg_factor=avg_factor,
+            )
+            reg_loss = self.loss_reg(
+                pred=bbox_preds,
+                target=labels["reg_label"],
+                weight=labels["reg_label_mask"],
+                avg_factor=avg_factor,
+            )
             return {"cls_loss": cls_loss, "reg_loss": reg_loss}
         else:
-            preds = self.post_process(anchors, cls_scores, bbox_preds,
-                                      [torch.tensor(shape) for shape in data["resized_shape"]])
-            assert "pred_bboxes" not in data.keys(), "pred_bboxes has been in data.keys()"
+            preds = self.post_process(
+                anchors,
+                cls_scores,
+                bbox_preds,
+                [torch.tensor(shape) for shape in data["resized_shape"]],
+            )
+            assert "pred_bboxes" not in data, "pred_bboxes has been in data.keys()"
             data["pred_bboxes"] = preds
             return data
 
@@ -183,8 +199,12 @@ def make_batch(n: int, generator: torch.Generator) -> dict:
     for image, (x, y) in zip(images, corners.long().tolist()):
         image[:, y : y + int(BOX), x : x + int(BOX)] = 0.9
     boxes = torch.cat([corners, corners + BOX], 1)
-    return {"img": images, "gt_bboxes": [b[None] for b in boxes],
-            "gt_classes": [torch.zeros(1) for _ in boxes], "resized_shape": [(SIZE, SIZE)] * n}
+    return {
+        "img": images,
+        "gt_bboxes": [b[None] for b in boxes],
+        "gt_classes": [torch.zeros(1) for _ in boxes],
+        "resized_shape": [(SIZE, SIZE)] * n,
+    }
 
 
 def mean_iou(model: nn.Module, batch: dict) -> float:
@@ -204,10 +224,20 @@ def main(argv: list[str] | None = None) -> dict:
     generator = torch.Generator().manual_seed(0)
     set_march("bayes")
 
-    model = RetinaNet(Backbone(), None, Head(), Anchors(), Targets(), PostProcess(),
-                      WeightedLoss("focal"), WeightedLoss("l1"))
+    model = RetinaNet(
+        Backbone(),
+        None,
+        Head(),
+        Anchors(),
+        Targets(),
+        PostProcess(),
+        WeightedLoss("focal"),
+        WeightedLoss("l1"),
+    )
     qat_model = prepare_qat_fx(model, {"": default_qat_8bit_fake_quant_qconfig})
-    called = [getattr(n.target, "__name__", "") for n in qat_model.graph.nodes if n.op == "call_function"]
+    called = [
+        getattr(n.target, "__name__", "") for n in qat_model.graph.nodes if n.op == "call_function"
+    ]
     print("kept out of the trace:", [name for name in called if name != "getitem"])
 
     optimizer = torch.optim.Adam(qat_model.parameters(), lr=1e-2)
@@ -222,7 +252,11 @@ def main(argv: list[str] | None = None) -> dict:
         first = loss.item() if first is None else first
         last = loss.item()
     test_batch = make_batch(32, generator)
-    result = {"first_loss": first, "last_loss": last, "qat_mean_iou": mean_iou(qat_model, test_batch)}
+    result = {
+        "first_loss": first,
+        "last_loss": last,
+        "qat_mean_iou": mean_iou(qat_model, test_batch),
+    }
     int_model = convert_fx(qat_model.eval())
     result["converted_mean_iou"] = mean_iou(int_model, test_batch)
     for name, value in result.items():
