@@ -111,6 +111,10 @@ def export_onnx(
     model = model.eval()
     path = os.fspath(path)
     table = _translation_table()
+    with torch.no_grad():
+        # one real run first: modules that cache derived state from their buffers refresh it
+        # here, since under torch.export they only see fake tensors
+        model(*args)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:

@@ -253,7 +253,9 @@ class QuantizedWeightedModule(nn.Module):
             )
         if addend is not None:
             check_int_input(addend, self.addend_dtype, "addend")
-        if self._plan_built_for != self._plan_key():
+        # under torch.export (ONNX export) buffers are swapped for fake tensors: keep the plan
+        # built from the real ones (rebuilding would read fake values and fail)
+        if self._plan_built_for != self._plan_key() and not torch.compiler.is_exporting():
             self._build_plan()
         if self._float_requant is not None:
             return self._forward_float_requant(x, addend)
