@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -50,7 +49,8 @@ class QuantizedWeightedModule(nn.Module):
     _kind = "conv2d"
     _weight_ch_axis = 0
     _out_axis = 1
-    #: target output elements per batch slice of the float epilogue (see ``_forward_float_requant``)
+    #: output elements per batch slice of the float epilogue (2 MiB of float64 scratch; measured
+    #: against 2^16..2^20, see ``_forward_float_requant``)
     _slice_elements = 2**18
 
     def __init__(
@@ -269,24 +269,26 @@ class QuantizedWeightedModule(nn.Module):
         if factors.multiplier.device != x.device:
             factors = self._float_requant = factors.to(x.device)
         dtype = torch_dtype(self.output_dtype)
-        step = self._batch_step(x, addend)
+        total = self._plan.accumulate_float(x, weight=self.weight, **self._op_kwargs())
+        step = self._batch_step(total, addend)
         if step == 0:
-            total = self._plan.accumulate_float(x, weight=self.weight, **self._op_kwargs())
             return requantize_float(
                 total, factors, self._out_min, self._out_max, dtype, self._out_axis, addend
             )
-        # batch slices keep the float32/float64 temporaries small: cache-resident and reused
-        # by the allocator instead of fresh pages for every call (measured 1.3-2x on small layers)
-        out: Tensor | None = None
-        for start in range(0, x.shape[0], step):
-            stop = min(start + step, x.shape[0])
-            total = self._plan.accumulate_float(
-                x[start:stop], weight=self.weight, **self._op_kwargs()
-            )
-            if out is None:
-                out = torch.empty((x.shape[0], *total.shape[1:]), dtype=dtype, device=x.device)
+        # The epilogue runs over batch slices through one small float64 scratch: its passes stay
+        # in cache and the allocator reuses it instead of faulting in fresh pages for a
+        # whole-batch float64 temporary on every call (measured 1.2-1.6x faster on small layers).
+        out = torch.empty(total.shape, dtype=dtype, device=total.device)
+        scratch = None
+        if total.dtype != torch.float64:
+            scratch = torch.empty((step, *total.shape[1:]), dtype=torch.float64)
+        for start in range(0, total.shape[0], step):
+            stop = min(start + step, total.shape[0])
+            work = total[start:stop]
+            if scratch is not None:
+                work = scratch[: stop - start].copy_(work)
             requantize_float(
-                total,
+                work,
                 factors,
                 self._out_min,
                 self._out_max,
@@ -295,23 +297,18 @@ class QuantizedWeightedModule(nn.Module):
                 None if addend is None else addend[start:stop],
                 out=out[start:stop],
             )
-        assert out is not None
         return out
 
-    def _batch_step(self, x: Tensor, addend: Tensor | None) -> int:
+    def _batch_step(self, total: Tensor, addend: Tensor | None) -> int:
         """Samples per slice of the float epilogue, or 0 for one pass over the whole batch."""
-        batched = x.dim() >= 2 if self._kind == "linear" else x.dim() == len(self.stride) + 2
-        if not batched or x.is_cuda or torch.jit.is_tracing() or torch.jit.is_scripting():
+        if total.dim() < 2 or total.is_cuda or torch.jit.is_tracing() or torch.jit.is_scripting():
             return 0  # a trace must not bake the slice count of one batch size
-        per_sample = (
-            self._out_channels() * math.prod(x.shape[2:])
-            if self._kind != "linear"
-            else (self._out_channels() * math.prod(x.shape[1:-1]))
-        )
-        step = max(1, self._slice_elements // max(per_sample, 1))
-        if step >= x.shape[0]:
+        if self._kind != "linear" and total.dim() != len(self.stride) + 2:
+            return 0  # unbatched conv input: dim 0 is the channel axis
+        step = max(1, self._slice_elements // max(total[0].numel(), 1))
+        if step >= total.shape[0]:
             return 0
-        if addend is not None and addend.shape[0] != x.shape[0]:
+        if addend is not None and addend.shape != total.shape:
             return 0  # a broadcast addend is not sliced along the batch
         return step
 
