@@ -494,3 +494,41 @@ def test_getitem_and_float_region_are_left_alone():
     s_out = prepared.fc.activation_post_process.scale
     diff = (converted(x) - prepared(x)).abs()
     assert (diff <= 2 * s_out + 1e-6).all()
+
+
+class TwoStageNet(nn.Module):
+    """A QuantStub after a split point (segmented deployment): stage 2 starts at ``quant2``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant, self.quant2, self.dequant = QuantStub(), QuantStub(), DeQuantStub()
+        self.conv1 = nn.Conv2d(2, 3, 1)
+        self.conv2 = nn.Conv2d(3, 2, 1)
+
+    def forward(self, x):
+        return self.dequant(self.conv2(self.quant2(self.conv1(self.quant(x)))))
+
+
+def test_quant_stub_at_a_split_point_requantizes_integers_and_quantizes_floats():
+    from hq_lightning.quantization.fx.convert_mapping import SegmentQuantize
+
+    torch.manual_seed(8)
+    prepared = prepare_qat_fx(TwoStageNet(), {"": QC})
+    x = torch.randn(4, 2, 3, 3)
+    _calibrate(prepared, x)
+    converted = convert_fx(prepared)
+    stub = converted.quant2
+    assert isinstance(stub, SegmentQuantize)
+    assert torch.equal(stub.scale, prepared.quant2.activation_post_process.scale)
+    conv1, conv2 = _qat_modules_in_order(prepared, qat.Conv2d)
+    s_in = float(conv1.activation_post_process.scale)
+    s_out = float(stub.scale)
+    codes = torch.arange(-128, 128, dtype=torch.int8).reshape(1, 1, 16, 16)
+    (m,), n = ref_multipliers([s_in / s_out])
+    expected = [ref_requant(int(v), m, n, "qint8") for v in codes.flatten().tolist()]
+    assert stub(codes).flatten().tolist() == expected
+    # stage 2 traced on its own gets float input: quantized with the stored scale
+    floats = torch.randn(1, 3, 2, 2)
+    assert torch.equal(stub(floats), nnq.Quantize(stub.scale, "qint8")(floats))
+    s_final = conv2.activation_post_process.scale
+    assert ((converted(x) - prepared(x)).abs() <= s_final + 1e-6).float().mean() >= 0.99

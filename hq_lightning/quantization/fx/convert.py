@@ -6,23 +6,18 @@ static buffer resolved here, by **static scale propagation** over the graph, in 
 Each node gets its output :class:`QParams` (scale, dtype, channel axis of a per-channel scale), or
 ``None`` for a float (or non-tensor) value:
 
-==========================================  ===================================================
-node                                        output qparams
-==========================================  ===================================================
-placeholder, get_attr                       float
-``QuantStub``                               its fake quant's ``scale`` / ``dtype``
-``DeQuantStub``                             float (dequantized with the propagated scale, which
-                                            may be per channel)
-QAT module with ``activation_post_process``  that fake quant's ``scale`` / ``dtype``
-Conv/Linear with ``activation_post_process``  int32, per output channel ``s_in * s_w[c]``
-is ``None`` (high-precision output)
-``FloatFunctional`` call (``_generated_add_0  that module's ``activation_post_process``
-.add(x, y)``)
-scale-preserving op (ReLU, MaxPool, Identity,  the scale of its (first) quantized input
-Dropout, flatten/reshape/permute/getitem,
-nearest upsample)
-anything else on a float input               float (left as it is: the float part of a model)
-==========================================  ===================================================
+- placeholder, get_attr: float.
+- ``QuantStub``: its fake quant's ``scale`` / ``dtype``. A stub inside the quantized region (a
+  segment boundary, semantics.md section 8) requantizes its integer input to that scale.
+- ``DeQuantStub``: float (dequantized with the propagated scale, which may be per channel).
+- QAT module or ``FloatFunctional`` call (``_generated_add_0.add(x, y)``) with an
+  ``activation_post_process``: that fake quant's ``scale`` / ``dtype``.
+- Conv/Linear whose ``activation_post_process`` is ``None`` (high-precision output): int32, per
+  output channel ``s_in * s_w[c]`` (channel axis 1 for convs, -1 for Linear).
+- scale-preserving op (ReLU, MaxPool, Identity, Dropout, flatten/reshape/permute/getitem, nearest
+  upsample): the qparams of its (first) quantized input.
+- anything else fed only by float values: float, left as it is (the float part of a model);
+  fed by an integer tensor: an error naming the op.
 
 Then every QAT module, ``FloatFunctional`` call and scale-preserving op that cannot run on an
 integer tensor as it is is replaced by the integer module that the table in
