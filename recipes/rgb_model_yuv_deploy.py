@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--float-epochs", type=int, default=5)
     parser.add_argument("--qat-epochs", type=int, default=1)
     parser.add_argument("--limit-batches", type=float, default=1.0)
+    parser.add_argument("--eval-images", type=int, default=None, help="default: all held out")
     parser.add_argument("--output-dir", default=None)
     args = parser.parse_args(argv)
     output_dir = args.output_dir or tempfile.mkdtemp(prefix="hq_recipe_yuv_")
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
     normalised = (rgb - MEAN) / STD
     train, val = torch.arange(0, 1400), torch.arange(1400, len(labels))
     train_loader = DataLoader(TensorDataset(normalised[train], labels[train]), 64, shuffle=True)
-    val_loader = DataLoader(TensorDataset(normalised[val], labels[val]), 256)
+    val_loader = DataLoader(TensorDataset(normalised[val], labels[val]), 64)
 
     # the input stub's scale is pinned to 1/128 for inputs in [-1, 1): it becomes the q_scale
     # of the inserted conversion
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.fit(module, train_loader, val_loader)
 
     converted = quantization.quantized_model.eval()
+    val = val[: args.eval_images]
     patched = patch_yuv_input(converted, swing="full", mean=MEAN, std=STD)
     yuv = rgb2centered_yuv(rgb[val], swing="full").float()  # what the camera pipeline delivers
     with torch.no_grad():
