@@ -532,3 +532,16 @@ def test_quant_stub_at_a_split_point_requantizes_integers_and_quantizes_floats()
     assert torch.equal(stub(floats), nnq.Quantize(stub.scale, "qint8")(floats))
     s_final = conv2.activation_post_process.scale
     assert ((converted(x) - prepared(x)).abs() <= s_final + 1e-6).float().mean() >= 0.99
+
+
+def test_kept_batch_norm_is_folded_with_running_statistics():
+    torch.manual_seed(9)
+    prepared = prepare_qat_fx(
+        ResidualNet(), {"": QC, "module_name": {"fc": QC_INT32_OUT}}, qat_mode="with_bn"
+    )
+    x = torch.randn(4, 3, 6, 6)
+    _calibrate(prepared, x)
+    assert any(getattr(m, "bn", None) is not None for m in _qat_modules_in_order(prepared, qat.Conv2d))
+    converted = convert_fx(prepared)
+    step = converted.dequant.scale
+    assert ((converted(x) - prepared(x)).abs() <= step + 1e-6).float().mean() >= 0.99
