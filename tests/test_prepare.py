@@ -397,3 +397,22 @@ def test_freeze_bn_over_a_prepared_model_keeps_parameters_and_statistics():
     assert qat.unfreeze_bn(qat_model) == 20
     qat_model(torch.randn(2, 3, 16, 16))
     assert not all(torch.equal(qat_model.state_dict()[k], v) for k, v in stats.items())
+
+
+def test_torch_stubs_are_prepared_like_ours():
+    import torch.ao.quantization as tq  # the chapter's samples use torch's DeQuantStub
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.quant = tq.QuantStub()
+            self.conv = nn.Conv2d(2, 2, 1)
+            self.dequant = tq.DeQuantStub()
+
+        def forward(self, x):
+            return self.dequant(self.conv(self.quant(x)))
+
+    qat_net = prepare_qat_fx(Net(), {"": QAT8})
+    assert type(qat_net.quant) is qat.QuantStub and qat_net.quant.scale is None
+    assert type(qat_net.dequant) is qat.DeQuantStub
+    assert qat_net(torch.rand(1, 2, 3, 3)).shape == (1, 2, 3, 3)
