@@ -13,7 +13,8 @@ each reports the median of ``--rounds``; ratios are the stable output, absolute 
 With one thread the clock is the process CPU time (immune to being descheduled); with more
 threads it is wall time.
 
-Run: ``PYTHONPATH=. .venv/bin/python bench/bench_integer_inference.py [--rounds 15] [--threads 1 2]``;
+Run: ``PYTHONPATH=. .venv/bin/python bench/bench_integer_inference.py [--rounds 9] [--passes 3]
+[--threads 1 2]``;
 writes ``bench/results/integer_inference.md``.
 """
 
@@ -55,7 +56,7 @@ def _medians(fns: dict, rounds: int, clock) -> dict:
     return {name: statistics.median(v) * 1e3 for name, v in times.items()}
 
 
-def _layer(name, c_in, c_out, k, stride, groups, size, gen):
+def _layer(c_in, c_out, k, stride, groups, size, gen):
     pad = k // 2
     float_conv = torch.nn.Conv2d(c_in, c_out, k, stride, pad, groups=groups).eval()
     int_conv = QuantizedConv2d.from_float_params(
@@ -69,40 +70,58 @@ def _layer(name, c_in, c_out, k, stride, groups, size, gen):
         groups=groups,
         activation="relu",
     )
+    # the float model's own layer: conv, eval BatchNorm and ReLU as separate modules
+    block = torch.nn.Sequential(float_conv, torch.nn.BatchNorm2d(c_out), torch.nn.ReLU()).eval()
     x_float = torch.randn(BATCH, c_in, size, size, generator=gen)
     x_int = torch.randint(-128, 128, x_float.shape, generator=gen, dtype=torch.int8)
-    return float_conv, int_conv, x_float, x_int
+    return float_conv, block, int_conv, x_float, x_int
 
 
 @torch.no_grad()
-def section_layers(rounds: int, threads: int) -> list[str]:
+def section_layers(rounds: int, threads: int, passes: int) -> list[str]:
     torch.set_num_threads(threads)
     clock = time.process_time if threads == 1 else time.perf_counter
     gen = torch.Generator().manual_seed(0)
+    layers = [(name, *_layer(*shape, gen)) for name, *shape in LAYERS]
+    samples: dict = {name: [] for name, *_ in layers}
+    for _ in range(
+        passes
+    ):  # whole passes over the layers, so slow phases of the machine spread out
+        for name, float_conv, block, int_conv, x_float, x_int in layers:
+            assert torch.equal(int_conv(x_int), int_conv._forward_int64(x_int, None))
+            samples[name].append(
+                _medians(
+                    {
+                        "float": lambda: float_conv(x_float),  # noqa: B023
+                        "block": lambda: block(x_float),  # noqa: B023
+                        "int": lambda: int_conv(x_int),  # noqa: B023
+                        "int64": lambda: int_conv._forward_int64(x_int, None),  # noqa: B023
+                    },
+                    rounds,
+                    clock,
+                )
+            )
     rows = [
         f"### {threads} thread{'s' if threads > 1 else ''} "
-        f"({'process CPU time' if threads == 1 else 'wall time'}, median of {rounds})",
+        f"({'process CPU time' if threads == 1 else 'wall time'}; per pass the median of "
+        f"{rounds} interleaved calls, then the median over {passes} passes)",
         "",
-        "| layer | float ms | integer ms | ratio | int64 epilogue ms | ratio | chunks | epilogue |",
+        "| layer | float conv ms | integer ms | ratio (min-max over passes) | ratio over float "
+        "conv+BN+ReLU | int64 epilogue ratio | chunks | epilogue |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for name, *shape in LAYERS:
-        float_conv, int_conv, x_float, x_int = _layer(name, *shape, gen)
-        assert torch.equal(int_conv(x_int), int_conv._forward_int64(x_int, None))
-        t = _medians(
-            {
-                "float": lambda: float_conv(x_float),  # noqa: B023
-                "int": lambda: int_conv(x_int),  # noqa: B023
-                "int64": lambda: int_conv._forward_int64(x_int, None),  # noqa: B023
-            },
-            rounds,
-            clock,
-        )
+    for name, _, _, int_conv, _, _ in layers:
+        runs = samples[name]
+        ratios = [r["int"] / r["float"] for r in runs]
+        t_float = statistics.median(r["float"] for r in runs)
+        t_int = statistics.median(r["int"] for r in runs)
+        ratio_int64 = statistics.median(r["int64"] / r["float"] for r in runs)
+        ratio_block = statistics.median(r["int"] / r["block"] for r in runs)
         path = "float64" if int_conv._float_requant is not None else "int64"
         rows.append(
-            f"| {name} | {t['float']:.2f} | {t['int']:.2f} | {t['int'] / t['float']:.2f} | "
-            f"{t['int64']:.2f} | {t['int64'] / t['float']:.2f} | {len(int_conv._plan.chunks)} | "
-            f"{path} |"
+            f"| {name} | {t_float:.2f} | {t_int:.2f} | {statistics.median(ratios):.2f} "
+            f"({min(ratios):.2f}-{max(ratios):.2f}) | {ratio_block:.2f} | {ratio_int64:.2f} | "
+            f"{len(int_conv._plan.chunks)} | {path} |"
         )
         print(rows[-1], flush=True)
     return [*rows, ""]
@@ -110,7 +129,8 @@ def section_layers(rounds: int, threads: int) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--passes", type=int, default=3)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument(
         "--out", type=Path, default=Path(__file__).parent / "results" / "integer_inference.md"
@@ -127,7 +147,7 @@ def main() -> None:
         "",
     ]
     for threads in args.threads:
-        lines += section_layers(args.rounds, threads)
+        lines += section_layers(args.rounds, threads, args.passes)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines))
     print(f"wrote {args.out}")

@@ -168,9 +168,10 @@ def test_chunks_are_greedy_under_the_abs_weight_sum_rule_and_stay_exact():
     assert len(expect) == 2 and expect[0][1] > 114  # fewer chunks than the uniform rule's 3
     # inputs at the sign of channel 0's weights: its chunk sums reach their worst case
     x = torch.where(w[:1] > 0, 127, -128).to(torch.int8)
-    assert max(
-        abs(int((x.long() * w[:1].long())[:, a:b].sum())) for a, b in expect
-    ) > 2**24 - 128 * 9 * 128
+    assert (
+        max(abs(int((x.long() * w[:1].long())[:, a:b].sum())) for a, b in expect)
+        > 2**24 - 128 * 9 * 128
+    )
     acc = plan.accumulate(x, None, 1, 0, 1)
     exact = (x.long().reshape(1, -1) * w.long().reshape(2, -1)).sum(-1)
     assert acc.flatten().tolist() == exact.tolist()
@@ -376,3 +377,22 @@ def test_accumulator_range_is_a_tight_bound(kind, act):
         x = torch.where(w[1:2] > 0, info.max, info.min).to(act)
         plan = ConvPlan.build(w, kind, 1, act)
         assert int(plan.accumulate_float(x)[0, 1]) == int(acc_max[1])
+
+
+@pytest.mark.filterwarnings("ignore:TF32 acceleration")
+@pytest.mark.parametrize("mkldnn", [True, False])
+@pytest.mark.parametrize("shape", [(144, 144, 3, 144), (24, 144, 1, 1), (64, 64, 3, 1)])
+def test_float32_conv_backends_are_exact_on_extreme_integer_inputs(mkldnn, shape):
+    # depthwise / 1x1 / 3x3 at benchmark-like sizes, inputs at the extremes matching the weight
+    # signs (worst-case partial sums), with oneDNN on and off: both must equal float64 (exact)
+    c_in, c_out, k, groups = shape
+    gen = torch.Generator().manual_seed(14)
+    w = torch.randint(-128, 128, (c_out, c_in // groups, k, k), generator=gen).to(torch.int8)
+    x = torch.randint(-128, 128, (4, c_in, 8, 8), generator=gen).to(torch.int8)
+    x[0] = -128
+    x[1] = 127
+    plan = ConvPlan.build(w, "conv2d", groups, torch.int8)
+    with torch.backends.mkldnn.flags(enabled=mkldnn):
+        total = plan.accumulate_float(x, 1, k // 2, 1)
+    exact = torch.conv2d(x.double(), w.double(), None, 1, k // 2, 1, groups)
+    assert torch.equal(total.double(), exact)
