@@ -36,11 +36,6 @@ __all__ = ["FusedWeightedMixin"]
 _ACTIVATIONS = {"relu": nn.ReLU, "relu6": nn.ReLU6}
 
 
-def _enabled(flag: Any) -> bool:
-    # FakeQuantize flags may be Python bools or 0-dim tensors (torch.ao style)
-    return bool(flag)
-
-
 class FusedWeightedMixin:
     """Mixin for a float weighted module type; see the module docstring for the attributes.
 
@@ -183,7 +178,8 @@ class FusedWeightedMixin:
     def _forward_with_bn(self, x: torch.Tensor) -> torch.Tensor:
         bn = self.bn
         fake_quant = self.weight_fake_quant
-        if not (_enabled(fake_quant.fake_quant_enabled) or _enabled(fake_quant.observer_enabled)):
+        # FakeQuantize's flags are Python bools: reading them never synchronises a device
+        if not (fake_quant.fake_quant_enabled or fake_quant.observer_enabled):
             # FLOAT state: exactly the float model's conv -> bn
             return bn(self._weighted_forward(x, self.weight, self.bias))
         factor = self._bn_scale_factor()
