@@ -292,7 +292,9 @@ def test_untraceable_model_error_names_wrap():
                 return x
             return -x
 
-    with pytest.raises(Exception, match="wrap"):
+    from hq_lightning.quantization.fx.tracer import UntraceableError
+
+    with pytest.raises(UntraceableError, match="wrap"):
         prepare_qat_fx(Net(), {"": QAT8})
 
 
