@@ -189,19 +189,30 @@ class QuantizedWeightedModule(nn.Module):
         self.register_buffer("clamp_min", torch.tensor([lo], dtype=torch.int64))
         self.register_buffer("clamp_max", hi_t)
 
+    _PLAN_SOURCES = (
+        "weight",
+        "bias",
+        "multiplier",
+        "shift",
+        "addend_multiplier",
+        "clamp_min",
+        "clamp_max",
+    )
+
     def _plan_key(self) -> tuple:
-        # identity and in-place version of everything the derived fast path depends on
-        names = (
-            "weight",
-            "bias",
-            "multiplier",
-            "shift",
-            "addend_multiplier",
-            "clamp_min",
-            "clamp_max",
-        )
-        tensors = [getattr(self, name) for name in names]
-        return tuple((id(t), t._version, t.device) if t is not None else None for t in tensors)
+        # the tensors themselves (held, so a freed buffer's id cannot be reused by a new one) and
+        # their in-place versions: everything the derived fast path depends on
+        tensors = [getattr(self, name) for name in self._PLAN_SOURCES]
+        return tuple((t, t._version) if t is not None else None for t in tensors)
+
+    def _plan_is_current(self) -> bool:
+        built = self._plan_built_for
+        for old, new in zip(built, self._plan_key()):
+            if (old is None) != (new is None):
+                return False
+            if old is not None and (old[0] is not new[0] or old[1] != new[1]):
+                return False
+        return True
 
     def _build_plan(self) -> None:
         act = torch_dtype(self.input_dtype)
@@ -255,7 +266,7 @@ class QuantizedWeightedModule(nn.Module):
             check_int_input(addend, self.addend_dtype, "addend")
         # under torch.export (ONNX export) buffers are swapped for fake tensors: keep the plan
         # built from the real ones (rebuilding would read fake values and fail)
-        if self._plan_built_for != self._plan_key() and not torch.compiler.is_exporting():
+        if not torch.compiler.is_exporting() and not self._plan_is_current():
             self._build_plan()
         if self._float_requant is not None:
             return self._forward_float_requant(x, addend)
@@ -301,8 +312,11 @@ class QuantizedWeightedModule(nn.Module):
 
     def _batch_step(self, total: Tensor, addend: Tensor | None) -> int:
         """Samples per slice of the float epilogue, or 0 for one pass over the whole batch."""
-        if total.dim() < 2 or total.is_cuda or torch.jit.is_tracing() or torch.jit.is_scripting():
-            return 0  # a trace must not bake the slice count of one batch size
+        tracing = (
+            torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
+        )
+        if total.dim() < 2 or total.is_cuda or tracing:
+            return 0  # a trace or export must not bake the slice count of one batch size
         if self._kind != "linear" and total.dim() != len(self.stride) + 2:
             return 0  # unbatched conv input: dim 0 is the channel axis
         step = max(1, self._slice_elements // max(total[0].numel(), 1))
