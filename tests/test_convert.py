@@ -545,3 +545,20 @@ def test_kept_batch_norm_is_folded_with_running_statistics():
     converted = convert_fx(prepared)
     step = converted.dequant.scale
     assert ((converted(x) - prepared(x)).abs() <= step + 1e-6).float().mean() >= 0.99
+
+
+class Int32FlattenNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant, self.dequant = QuantStub(), DeQuantStub()
+        self.conv = nn.Conv2d(2, 3, 1)
+
+    def forward(self, x):
+        return self.dequant(torch.flatten(F.relu(self.conv(self.quant(x))), 1))
+
+
+def test_per_channel_int32_output_may_not_be_reshaped():
+    prepared = prepare_qat_fx(Int32FlattenNet(), {"": QC, "module_name": {"conv": QC_INT32_OUT}})
+    _calibrate(prepared, torch.randn(2, 2, 3, 3))
+    with pytest.raises(RuntimeError, match="Expected the input of `flatten` to have a per-tensor scale"):
+        convert_fx(prepared)

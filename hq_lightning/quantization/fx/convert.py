@@ -167,8 +167,11 @@ def _fake_quant_qparams(fake_quant: FakeQuantize) -> QParams:
 def weight_scale(module: nn.Module, out_channels: int) -> torch.Tensor:
     """The weight fake quant's scale of ``module`` as a float32 ``[out_channels]`` vector."""
     scale = module.weight_fake_quant.scale.detach().to(torch.float32).flatten()
+    groups = getattr(module, "groups", 1)
     if scale.numel() == 1:
         scale = scale.expand(out_channels)
+    elif scale.numel() * groups == out_channels and isinstance(module, nn.ConvTranspose2d):
+        scale = scale.repeat(groups)  # ConvTranspose: [C_out / groups] scales, one set per group
     if scale.numel() != out_channels:
         raise ValueError(
             f"Expected the weight scale of {type(module).__name__} to have 1 or {out_channels} "
@@ -220,6 +223,18 @@ def _unsupported(node: fx.Node, what: str) -> RuntimeError:
     )
 
 
+def _check_elementwise(node: fx.Node, quantized: QParams | None, elementwise: bool) -> QParams | None:
+    # a per-channel (int32 high-precision) scale runs along one axis: shape ops would move it
+    if quantized is not None and quantized.per_channel and not elementwise:
+        raise RuntimeError(
+            f"Expected the input of `{node.name}` to have a per-tensor scale, but got the per-channel "
+            f"int32 output of a high-precision Conv/Linear ({quantized}), which may only feed a "
+            "DeQuantStub or elementwise ops (ReLU, Dropout, Identity, max pool). Dequantize first, "
+            "or give that Conv/Linear an 8/16-bit output qconfig."
+        )
+    return quantized
+
+
 def _module_output(node: fx.Node, module: nn.Module, inputs: list[Any]) -> Any:
     quantized = _first_quantized([q for q in inputs if isinstance(q, QParams)])
     if mapping.is_dequant(module):
@@ -247,7 +262,7 @@ def _module_output(node: fx.Node, module: nn.Module, inputs: list[Any]) -> Any:
             "quant, but it has none (only a Conv/Linear may have a high-precision output)."
         )
     if mapping.is_scale_preserving_module(module):
-        return quantized
+        return _check_elementwise(node, quantized, isinstance(module, mapping.ELEMENTWISE_MODULES))
     if quantized is not None:
         raise _unsupported(node, f"module `{node.target}` of type {type(module).__name__}")
     return None
@@ -267,7 +282,7 @@ def _function_output(node: fx.Node, inputs: list[Any]) -> Any:
     if not quantized:
         return None
     if target in mapping.SCALE_PRESERVING_FUNCTIONS or target in mapping.FUNCTION_BUILDERS:
-        return quantized[0]
+        return _check_elementwise(node, quantized[0], target in mapping.ELEMENTWISE_FUNCTIONS)
     raise _unsupported(node, f"function {getattr(target, '__name__', target)!r}")
 
 
@@ -294,7 +309,7 @@ def _method_output(node: fx.Node, inputs: list[Any], modules: dict[str, nn.Modul
     if node.target in mapping.NON_TENSOR_METHODS:
         return None
     if node.target in mapping.SCALE_PRESERVING_METHODS:
-        return quantized[0]
+        return _check_elementwise(node, quantized[0], node.target in mapping.ELEMENTWISE_METHODS)
     raise _unsupported(node, f"tensor method {node.target!r}")
 
 

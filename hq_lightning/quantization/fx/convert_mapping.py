@@ -43,6 +43,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from hq_lightning.quantization.fx.convert import ConvertContext, QParams
 
 __all__ = [
+    "ELEMENTWISE_FUNCTIONS",
+    "ELEMENTWISE_METHODS",
+    "ELEMENTWISE_MODULES",
     "FLOAT_FUNCTIONAL_BUILDERS",
     "FLOAT_FUNCTIONAL_CLASS_NAMES",
     "FUNCTION_BUILDERS",
@@ -69,6 +72,14 @@ FLOAT_FUNCTIONAL_CLASS_NAMES = frozenset({"FloatFunctional", "QATFloatFunctional
 SCALE_PRESERVING_FUNCTIONS = qat_mapping.SCALE_PRESERVING_FUNCTIONS
 SCALE_PRESERVING_METHODS = qat_mapping.SCALE_PRESERVING_METHODS
 NON_TENSOR_METHODS = qat_mapping.NON_TENSOR_METHODS
+
+#: Scale-preserving ops that act elementwise (or per channel), so a per-channel scale survives them.
+ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+    nn.MaxPool2d, nn.MaxPool3d,
+)
+ELEMENTWISE_FUNCTIONS = frozenset({torch.relu, F.relu, F.dropout, F.max_pool2d, F.max_pool3d})
+ELEMENTWISE_METHODS = frozenset({"relu", "contiguous", "clone", "detach"})
 
 
 # --------------------------------------------------------------------------- helpers
