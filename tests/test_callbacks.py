@@ -62,9 +62,9 @@ class Recorder(Callback):
         self.phases = []
         self.parameter_names = []
 
-    def setup(self, trainer, pl_module, stage):
+    def on_fit_start(self, trainer, pl_module):
         if self.quant_callback is not None:
-            self.phase_at_setup = self.quant_callback.phase
+            self.phase_at_fit_start = self.quant_callback.phase
 
     def on_train_epoch_start(self, trainer, pl_module):
         if self.quant_callback is not None:

@@ -1,7 +1,8 @@
-"""QuantizationCallback under two-process CPU DDP (gloo): identical scales, accuracy as one process.
+"""QuantizationCallback under two-process CPU DDP (gloo): identical scales, accuracy as one process;
+``ddp_spawn`` hands rank 0's QAT and converted models back to the main process.
 
-``strategy="ddp"`` relaunches its script once per rank, so the run lives in a script started as
-a subprocess (the test process itself would be relaunched otherwise).
+``strategy="ddp"`` relaunches its script once per rank and ``ddp_spawn`` re-imports its main
+module, so each run lives in a script started as a subprocess.
 """
 
 import json
@@ -12,6 +13,11 @@ import textwrap
 
 import pytest
 import torch
+
+from hq_lightning.models import ClassificationModule, TinyMobileNetV2
+from hq_lightning.qconfig import default_qat_8bit_fake_quant_qconfig
+from hq_lightning.quantization import convert_fx, prepare_qat_fx
+from hq_lightning.quantization.state import FakeQuantState, set_fake_quantize
 
 SCRIPT = textwrap.dedent("""
     import json, sys, torch, lightning.pytorch as pl
@@ -69,3 +75,80 @@ def test_ddp_two_cpu_processes(tmp_path):
     single_acc, ddp_acc = single["quantized"]["val/acc"], ddp["quantized"]["val/acc"]
     assert single_acc > 0.85 and abs(ddp_acc - single_acc) < 0.06, (single_acc, ddp_acc)
     assert (tmp_path / "ddp" / "quantized" / "quantized.pt").is_file()
+
+
+SPAWN_SCRIPT = textwrap.dedent("""
+    import sys, torch, lightning.pytorch as pl
+    from lightning.pytorch.callbacks import Callback
+    from torch import fx
+    from hq_lightning.callbacks import QuantizationCallback
+    from hq_lightning.data import DigitsDataModule
+    from hq_lightning.models import ClassificationModule, TinyMobileNetV2
+    from hq_lightning.quantization import FakeQuantize
+
+    class SaveRankState(Callback):
+        def __init__(self, out):
+            self.out = out
+
+        def on_train_end(self, trainer, pl_module):
+            scales = {n: m.scale.clone() for n, m in pl_module.model.named_modules()
+                      if isinstance(m, FakeQuantize)}
+            torch.save({"scales": scales, "state": pl_module.state_dict()},
+                       f"{self.out}/rank{trainer.global_rank}.pt")
+
+    if __name__ == "__main__":  # spawn re-imports this file in every worker
+        out = sys.argv[1]
+        torch.set_num_threads(1)
+        pl.seed_everything(0)
+        callback = QuantizationCallback(float_epochs=1, calibration_batches=2)
+        trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=2, strategy="ddp_spawn",
+                             logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, num_sanity_val_steps=0,
+                             limit_train_batches=3, limit_val_batches=2, default_root_dir=out,
+                             callbacks=[callback, SaveRankState(out)])
+        module = ClassificationModule(TinyMobileNetV2(image_size=16, width=8))
+        trainer.fit(module, DigitsDataModule(batch_size=32, image_size=16))
+        # what the main process ends with, for the test to compare with the ranks' files
+        torch.save({"phase": callback.phase, "table": callback.metrics_table,
+                    "exported": callback.exported_files,
+                    "is_graph_module": isinstance(module.model, fx.GraphModule),
+                    "state": module.state_dict(), "quantized": callback.quantized_model},
+                   f"{out}/main.pt")
+""")
+
+
+@pytest.mark.slow
+def test_ddp_spawn_hands_the_quantized_model_to_the_main_process(tmp_path):
+    script = tmp_path / "fit_spawn.py"
+    script.write_text(SPAWN_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True,
+                          text=True, timeout=600, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-4000:]
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
+    assert rank0["scales"].keys() == rank1["scales"].keys() and len(rank0["scales"]) > 10
+    for key in rank0["scales"]:
+        assert torch.equal(rank0["scales"][key], rank1["scales"][key]), key
+
+    main = torch.load(tmp_path / "main.pt", weights_only=False)
+    assert main["phase"] == "done" and main["is_graph_module"]
+    assert list(main["table"]) == ["float", "calibration", "qat", "quantized"]
+    # the main process holds rank 0's trained QAT model: weights, BN statistics and scales
+    assert main["state"].keys() == rank0["state"].keys()
+    for key, value in rank0["state"].items():
+        assert torch.equal(main["state"][key], value), key
+
+    # ... and rank 0's converted model, which is what converting that QAT model gives
+    module = ClassificationModule(TinyMobileNetV2(image_size=16, width=8))
+    module.model = prepare_qat_fx(module.model, default_qat_8bit_fake_quant_qconfig, qat_mode="with_bn")
+    module.load_state_dict(main["state"])
+    module.eval()
+    set_fake_quantize(module.model, FakeQuantState.VALIDATION)
+    reconverted = convert_fx(module.model)
+    quantized = main["quantized"]
+    images = torch.rand(8, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(quantized(images), reconverted(images))
+        scripted = torch.jit.load(main["exported"]["torchscript"])
+        assert torch.equal(scripted(images[:1]), quantized(images[:1]))

@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from test_callbacks import Recorder, classifier, digits, make_trainer, scales
+from test_callbacks import FailOnTrainStep, Recorder, classifier, digits, make_trainer, scales
 
 from hq_lightning.callbacks import QuantizationCallback
 from hq_lightning.callbacks.quantization import default_calibration_step
@@ -90,7 +90,7 @@ def test_interrupt_and_resume_continues_identically(tmp_path, reference, phase, 
     assert saved_phase == ("qat" if phase == "qat" else "float")
 
     module, callback, recorder = run(tmp_path, "resumed", ckpt_path=path)
-    assert recorder.phase_at_setup == saved_phase  # known in setup, before the weights restore
+    assert recorder.phase_at_fit_start == saved_phase  # restored before the strategy set up
     expected_phases = ref_recorder.phases[resume_epoch + 1:]
     assert recorder.phases == expected_phases
     assert recorder.losses, "the resumed run trained"
@@ -152,12 +152,22 @@ def digits_test_set():
     return dm.test_set
 
 
-def test_checkpoint_without_callback_state_is_rejected(tmp_path):
+def test_checkpoint_without_callback_state_is_rejected(tmp_path, reference):
+    # a float checkpoint: refused before its weights meet the prepared structure
     module = classifier()
     trainer = make_trainer(tmp_path, [], max_epochs=1, limit_train_batches=1, limit_val_batches=1,
                            enable_checkpointing=True)
     trainer.fit(module, digits())
     path = trainer.checkpoint_callback.best_model_path
-    trainer = make_trainer(tmp_path, [QuantizationCallback()], max_epochs=2)
+    trainer = make_trainer(tmp_path, [QuantizationCallback(), FailOnTrainStep()], max_epochs=2)
     with pytest.raises(RuntimeError, match="saved without this callback"):
         trainer.fit(classifier(), digits(), ckpt_path=path)
+
+    # QAT weights without the callback's state (save_weights_only=True): the phase is unknown
+    ref_dir = reference[0]
+    checkpoint = torch.load(ckpt(ref_dir / "ckpt", MAX_EPOCHS - 1), weights_only=False)
+    weights_only = {k: v for k, v in checkpoint.items() if k != "callbacks"}
+    torch.save(weights_only, tmp_path / "weights_only.ckpt")
+    trainer = make_trainer(tmp_path, [QuantizationCallback(float_epochs=FLOAT_EPOCHS)], max_epochs=1)
+    with pytest.raises(RuntimeError, match=r"weights_only.ckpt.*to hold the state of QuantizationCallback"):
+        trainer.validate(classifier(), digits(), ckpt_path=tmp_path / "weights_only.ckpt", verbose=False)

@@ -16,15 +16,18 @@ callbacks):
   live weights, and copies the calibrated scales and statistics into the QAT model afterwards;
   the two qconfig kinds are never mixed in one prepared model.
 * Validation (including sanity checks) runs in ``VALIDATION`` state: observers never move.
-* When resuming (``trainer.ckpt_path``), ``setup`` reads this callback's state from the
-  checkpoint, so the right phase is in place before Lightning restores the weights.
+* The prepared structure does not depend on the phase, so ``setup`` needs nothing from a checkpoint:
+  Lightning restores the weights and scales into it, then this callback's phase with its state
+  (for fit, validate, test and predict alike). A checkpoint without that state (a float one, or
+  ``save_weights_only=True``) is refused with a message saying what to do instead.
+* Under ``strategy="ddp_spawn"`` rank 0 hands its state to the main process, which rebuilds the
+  prepared structure before Lightning loads the trained weights into it (see ``_spawn_handoff``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -42,6 +45,7 @@ from hq_lightning.callbacks._qconfig_checks import (
     check_no_qconfig_attributes,
     check_qconfig_kind,
 )
+from hq_lightning.callbacks._spawn_handoff import install_handoff, new_token
 from hq_lightning.callbacks._submodule import get_submodule, set_submodule
 from hq_lightning.march import as_march, march_context
 from hq_lightning.quantization.fake_quantize import FakeQuantize
@@ -207,6 +211,8 @@ class QuantizationCallback(Callback):
         self._state_dirty = False
         self._captured_input: tuple | None = None
         self._module: pl.LightningModule | None = None
+        self._state_restored = False
+        self._handoff_token = new_token()
 
     # ------------------------------------------------------------------ state
     @property
@@ -234,36 +240,68 @@ class QuantizationCallback(Callback):
         self.phase = "float" if phase == "calibration" else phase
         self.calibrated = bool(state_dict.get("calibrated", False))
         self.metrics_table = copy.deepcopy(state_dict.get("metrics_table", {}))
+        self._state_restored = True
+        if self.calibrated:
+            self._float_template = None  # only a calibration still to come needs the float copy
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._state_restored = False
+        if stage == "fit":
+            install_handoff(trainer, self.state_key, self._handoff_token, self._handoff_payload)
         current = get_submodule(pl_module, self.submodule)
         if self._live is not None and current is self._live:
             return  # already prepared (e.g. trainer.test after trainer.fit)
         check_no_qconfig_attributes(current, self.submodule)
-        self._restore_state_from_checkpoint(trainer)
-        live_qconfig = self.calibration_qconfig if self.ptq_only else self.qat_qconfig
         if stage == "fit" and self.calibration_qconfig is not None and not self.calibrated:
+            # dropped again if a checkpoint being restored says calibration is done
             self._float_template = copy.deepcopy(current)
+        self._install_live(pl_module, current)
+
+    def _install_live(self, pl_module: pl.LightningModule, current: nn.Module) -> None:
+        live_qconfig = self.calibration_qconfig if self.ptq_only else self.qat_qconfig
         live = self._prepare(current, live_qconfig)
+        live.register_load_state_dict_pre_hook(_refuse_float_state)
         set_submodule(pl_module, self.submodule, live)
         self._live = live
         self._module = pl_module
         set_fake_quantize(live, FakeQuantState.FLOAT)
 
-    def _restore_state_from_checkpoint(self, trainer: pl.Trainer) -> None:
-        ckpt_path = _pending_ckpt_path(trainer)
-        if not ckpt_path:
-            return
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        state = checkpoint.get("callbacks", {}).get(self.state_key)
-        if state is None:
+    def _check_state_restored(self, trainer: pl.Trainer) -> None:
+        """Raises when this run restored a checkpoint that carried no state of this callback."""
+        ckpt_path = trainer.ckpt_path  # set by Lightning when it restores, i.e. after ``setup``
+        if ckpt_path and not self._state_restored:
             raise RuntimeError(
                 f"Expected checkpoint {str(ckpt_path)!r} to hold the state of {self.state_key}, but it "
                 "has none: it was saved without this callback (or with save_weights_only=True). Load "
                 "float weights into the module before `trainer.fit(module)` instead of passing ckpt_path."
             )
-        self.load_state_dict(state)
+
+    # ------------------------------------------------------------------ ddp_spawn
+    def _handoff_payload(self) -> dict[str, Any]:
+        quantized = self.quantized_model
+        return {
+            "state": self.state_dict(),
+            "quantized_model": None if quantized is None else quantized.cpu(),
+            "exported_files": dict(self.exported_files),
+        }
+
+    def restore_from_worker(self, trainer: pl.Trainer, payload: dict[str, Any]) -> None:
+        """Main process of a spawn launcher: take rank 0's state and rebuild the prepared structure.
+
+        Called before Lightning loads rank 0's trained weights into ``trainer.lightning_module``.
+        """
+        self.load_state_dict(payload["state"])
+        self.quantized_model = payload["quantized_model"]
+        self.exported_files = dict(payload["exported_files"])
+        pl_module = trainer.lightning_module
+        current = get_submodule(pl_module, self.submodule)
+        if current is not self._live:
+            self._install_live(pl_module, current)
+        self._float_template = None
+        live = self._live
+        live.eval()
+        set_fake_quantize(live, FakeQuantState.FLOAT if self.phase == "float" else FakeQuantState.VALIDATION)
 
     def _prepare(self, module: nn.Module, qconfig: Any) -> nn.Module:
         from hq_lightning.quantization import prepare_qat_fx
@@ -282,6 +320,7 @@ class QuantizationCallback(Callback):
 
     # ------------------------------------------------------------------ fit
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_state_restored(trainer)
         if self.phase == "float" and self.calibration_qconfig is not None:
             self._calibration_loader(trainer)  # fail now, not after the float epochs
 
@@ -421,6 +460,7 @@ class QuantizationCallback(Callback):
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._module = pl_module
+        self._check_state_restored(trainer)
         self._metrics_before = dict(trainer.callback_metrics)
         self._set_eval_state()
 
@@ -448,10 +488,12 @@ class QuantizationCallback(Callback):
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._module = pl_module
+        self._check_state_restored(trainer)
         self._set_eval_state()
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._module = pl_module
+        self._check_state_restored(trainer)
         self._set_eval_state()
 
     def _evaluate(self, trainer: pl.Trainer, label: str) -> None:
@@ -517,6 +559,8 @@ class QuantizationCallback(Callback):
         return os.path.join(trainer.log_dir or trainer.default_root_dir, "quantized")
 
     def _export(self, directory: str) -> None:
+        from hq_lightning.deploy import export_onnx, export_torchscript
+
         os.makedirs(directory, exist_ok=True)
         model = self.quantized_model
         state_path = os.path.join(directory, "quantized_state_dict.pt")
@@ -525,36 +569,34 @@ class QuantizationCallback(Callback):
         if not self.export:
             return
         inputs = tuple(x.cpu() if isinstance(x, torch.Tensor) else x for x in self._example_inputs())
-        if "torchscript" in self.export:
-            path = os.path.join(directory, "quantized.pt")
-            with torch.no_grad():
-                torch.jit.trace(model, inputs, check_trace=False).save(path)
-            self.exported_files["torchscript"] = path
-        if "onnx" in self.export:
-            path = os.path.join(directory, "quantized.onnx")
+        exporters = {"torchscript": (export_torchscript, "quantized.pt"), "onnx": (export_onnx, "quantized.onnx")}
+        for kind in self.export:
+            exporter, name = exporters[kind]
+            path = os.path.join(directory, name)
             try:
-                torch.onnx.export(model, inputs, path, dynamo=False)
+                exporter(model, inputs, path)  # each checks the file's output against the model
             except Exception as err:
                 raise RuntimeError(
-                    f"Expected the converted `{self.submodule}` to export to ONNX, but it failed with "
-                    f"{type(err).__name__}: {err}. Drop 'onnx' from `export` to keep TorchScript only."
+                    f"Expected the converted `{self.submodule}` to export to {kind}, but it failed: {err}\n"
+                    f"Fix: drop {kind!r} from `export` (the converted model is kept in "
+                    f"`quantized_model` and {state_path!r}), or deploy it with hq_lightning.deploy."
                 ) from err
-            self.exported_files["onnx"] = path
+            self.exported_files[kind] = path
 
 
-def _pending_ckpt_path(trainer: pl.Trainer) -> Any:
-    """The checkpoint this fit/validate/test/predict call will restore, as seen from ``setup``.
-
-    Lightning sets ``trainer.ckpt_path`` only after ``setup`` (when it restores), so the path is
-    read from the running ``Trainer._run(model, ckpt_path=...)`` call; a path the user assigned
-    to ``trainer.ckpt_path`` beforehand is the fallback.
-    """
-    frame = inspect.currentframe()
-    while frame is not None:
-        if frame.f_code.co_name == "_run" and frame.f_locals.get("self") is trainer:
-            return frame.f_locals.get("ckpt_path")
-        frame = frame.f_back
-    return getattr(trainer, "ckpt_path", None)
+def _refuse_float_state(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
+    """Load pre-hook of the prepared submodule: a strict load of a state with none of its scales is a
+    float checkpoint (saved without QuantizationCallback), which would otherwise fail on shapes."""
+    if not strict:
+        return
+    expected = [prefix + name + ".scale" for name, m in module.named_modules() if isinstance(m, FakeQuantize)]
+    if expected and not any(key in state_dict for key in expected):
+        raise RuntimeError(
+            f"Expected the state loaded into the prepared `{prefix.rstrip('.') or 'submodule'}` to hold "
+            "its fake-quant scales, but it has none: it was saved without this callback (a float "
+            "checkpoint). Load float weights into the module before `trainer.fit(module)` instead of "
+            "passing ckpt_path."
+        )
 
 
 def _check_int(value: Any, name: str, minimum: int) -> int:
