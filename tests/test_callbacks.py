@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from hq_lightning.callbacks import QuantizationCallback
 from hq_lightning.data import DigitsDataModule
+from hq_lightning.deploy import run_onnx
 from hq_lightning.models import ClassificationModule, TinyMobileNetV2
 from hq_lightning.qconfig import (
     default_calib_8bit_fake_quant_qconfig,
@@ -312,7 +313,8 @@ def test_only_the_chosen_submodule_is_quantized(tmp_path):
     pl.seed_everything(0)
     module = PartlyQuantized()
     pre, post = module.pre, module.parts.post
-    callback = QuantizationCallback("parts.net", float_epochs=1, calibration_batches=2)
+    callback = QuantizationCallback("parts.net", float_epochs=1, calibration_batches=2,
+                                    export=("torchscript", "onnx"))
     trainer = make_trainer(tmp_path, [callback], max_epochs=3)
     trainer.fit(module, digits())
     assert module.pre is pre and module.parts.post is post
@@ -323,6 +325,22 @@ def test_only_the_chosen_submodule_is_quantized(tmp_path):
     table = callback.metrics_table
     assert table["quantized"]["val/acc"] >= table["qat"]["val/acc"] - 0.02, table
     assert (tmp_path / "quantized" / "quantized.pt").is_file()
+
+    # ONNX through hq_lightning.deploy: onnxruntime agrees with the converted model within one
+    # step of its output (the scale of the last fake quant), on inputs other than the traced one
+    onnx_path = tmp_path / "quantized" / "quantized.onnx"
+    assert callback.exported_files["onnx"] == str(onnx_path) and onnx_path.is_file()
+    step = float(module.parts.net.fc.activation_post_process.scale)
+    dm = digits()
+    dm.setup()
+    images, _ = next(iter(dm.val_dataloader()))
+    quantized = callback.quantized_model
+    with torch.no_grad():
+        for image in images[:16].split(1):  # the exported graph has the traced input's shape
+            (got,) = run_onnx(onnx_path, image)
+            expected = quantized(image)
+            assert expected.abs().max() > 10 * step
+            assert (got - expected).abs().max() <= step * (1 + 1e-6)
 
 
 def test_calibration_step_override_and_dict_batches(tmp_path):
