@@ -72,7 +72,7 @@ def _receive_in_main_process(token: str, path: str) -> str:
         trainer, callback = found
         # our own rank 0 wrote this file a moment ago; it holds the converted GraphModule
         state = torch.load(path, map_location="cpu", weights_only=False)
-        callback.restore_from_worker(trainer, state)
+        callback._restore_from_worker(trainer, state)
     finally:
         shutil.rmtree(os.path.dirname(path), ignore_errors=True)
     return token

@@ -108,7 +108,9 @@ class QuantizationCallback(Callback):
         qat_mode: passed to ``prepare_qat_fx``; ``"with_bn"`` is needed for float epochs.
         convert_at_end: convert, validate and export at the end of fit.
         output_dir: directory of the exported files (default ``<trainer.log_dir>/quantized``).
-        export: any of ``"torchscript"``, ``"onnx"``.
+        export: any of ``"torchscript"``, ``"onnx"``: written by ``hq_lightning.deploy``'s
+            ``export_torchscript`` / ``export_onnx`` (traced at the example input's shape), each
+            checked against the converted model on that input before fit returns.
         example_input: input(s) of the submodule for tracing; default: the first input it sees
             while the converted model is validated.
         calibration_step: ``fn(pl_module, batch)`` running one calibration forward; default: the
@@ -119,7 +121,9 @@ class QuantizationCallback(Callback):
     Attributes:
         phase: ``"float"``, ``"calibration"``, ``"qat"`` or ``"done"``.
         metrics_table: ``{phase: {metric: value}}`` of the last validation of each phase.
+        calibrated: whether the calibration has run (restored from checkpoints).
         quantized_model: the converted submodule (a GraphModule) after fit.
+        exported_files: ``{"state_dict" | "torchscript" | "onnx": path}`` written by rank 0.
 
     Example:
         >>> from hq_lightning.qconfig import default_qat_8bit_fake_quant_qconfig
@@ -212,6 +216,7 @@ class QuantizationCallback(Callback):
         self._captured_input: tuple | None = None
         self._module: pl.LightningModule | None = None
         self._state_restored = False
+        self._refusal_hook: Any = None
         self._handoff_token = new_token()
 
     # ------------------------------------------------------------------ state
@@ -250,18 +255,18 @@ class QuantizationCallback(Callback):
         if stage == "fit":
             install_handoff(trainer, self.state_key, self._handoff_token, self._handoff_payload)
         current = get_submodule(pl_module, self.submodule)
-        if self._live is not None and current is self._live:
-            return  # already prepared (e.g. trainer.test after trainer.fit)
-        check_no_qconfig_attributes(current, self.submodule)
-        if stage == "fit" and self.calibration_qconfig is not None and not self.calibrated:
-            # dropped again if a checkpoint being restored says calibration is done
-            self._float_template = copy.deepcopy(current)
-        self._install_live(pl_module, current)
+        if self._live is None or current is not self._live:  # else prepared already (test after fit)
+            check_no_qconfig_attributes(current, self.submodule)
+            if stage == "fit" and self.calibration_qconfig is not None and not self.calibrated:
+                # dropped again if a checkpoint being restored says calibration is done
+                self._float_template = copy.deepcopy(current)
+            self._install_live(pl_module, current)
+        if self._refusal_hook is None:  # armed for Lightning's restore only, see _check_state_restored
+            self._refusal_hook = self._live.register_load_state_dict_pre_hook(_refuse_float_state)
 
     def _install_live(self, pl_module: pl.LightningModule, current: nn.Module) -> None:
         live_qconfig = self.calibration_qconfig if self.ptq_only else self.qat_qconfig
         live = self._prepare(current, live_qconfig)
-        live.register_load_state_dict_pre_hook(_refuse_float_state)
         set_submodule(pl_module, self.submodule, live)
         self._live = live
         self._module = pl_module
@@ -269,6 +274,9 @@ class QuantizationCallback(Callback):
 
     def _check_state_restored(self, trainer: pl.Trainer) -> None:
         """Raises when this run restored a checkpoint that carried no state of this callback."""
+        if self._refusal_hook is not None:  # the restore is over: converted copies must not carry it
+            self._refusal_hook.remove()
+            self._refusal_hook = None
         ckpt_path = trainer.ckpt_path  # set by Lightning when it restores, i.e. after ``setup``
         if ckpt_path and not self._state_restored:
             raise RuntimeError(
@@ -286,7 +294,7 @@ class QuantizationCallback(Callback):
             "exported_files": dict(self.exported_files),
         }
 
-    def restore_from_worker(self, trainer: pl.Trainer, payload: dict[str, Any]) -> None:
+    def _restore_from_worker(self, trainer: pl.Trainer, payload: dict[str, Any]) -> None:
         """Main process of a spawn launcher: take rank 0's state and rebuild the prepared structure.
 
         Called before Lightning loads rank 0's trained weights into ``trainer.lightning_module``.
