@@ -515,3 +515,24 @@ def test_bad_inputs_raise_clear_errors():
         QFunctional([0.1], 0.1).add(
             torch.zeros(2, dtype=torch.int8), torch.zeros(2, dtype=torch.int8)
         )
+
+
+def test_trace_of_a_sliced_module_generalizes_to_other_batch_sizes():
+    # eager forward slices the batch for the float epilogue; a trace must not bake the slices
+    gen = torch.Generator().manual_seed(15)
+    conv = QuantizedConv2d.from_float_params(
+        torch.randn(6, 3, 3, 3, generator=gen),
+        torch.randn(6, generator=gen),
+        torch.full((6,), 0.01),
+        0.05,
+        0.1,
+        padding=1,
+        addend_scale=0.2,
+    )
+    conv._slice_elements = 1  # one sample per slice in eager mode
+    conv.bias.add_(3)  # stale plan: rebuilt during the trace, which must not record the rebuild
+    x4, y4 = _ints(gen, (4, 3, 5, 5), "qint8"), _ints(gen, (4, 6, 5, 5), "qint8")
+    traced = torch.jit.trace(conv, (x4, y4))
+    x7, y7 = _ints(gen, (7, 3, 5, 5), "qint8"), _ints(gen, (7, 6, 5, 5), "qint8")
+    assert torch.equal(traced(x7, y7), conv(x7, y7))
+    assert torch.equal(conv(x7, y7), conv._forward_int64(x7, y7))

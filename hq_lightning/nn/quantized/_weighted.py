@@ -133,6 +133,7 @@ class QuantizedWeightedModule(nn.Module):
         module = cls(q_weight, None, w_scale, input_scale, output_scale, **kwargs)
         if bias is not None:
             module.bias = quantize_bias(bias.detach(), module.accumulator_scale())
+            module._build_plan()  # the float factors fold the bias in
         return module
 
     def _out_channels(self) -> int:
@@ -240,6 +241,19 @@ class QuantizedWeightedModule(nn.Module):
         self._out_min, self._out_max = int(self.clamp_min.min()), int(self.clamp_max.max())
         self._plan_built_for = self._plan_key()
 
+    def _rebuild_plan_untraced(self) -> None:
+        # A buffer changed since the plan was derived. Under torch.jit.trace the rebuild must not
+        # be recorded into the graph (it would re-derive the plan on every traced call), so the
+        # tracer is paused around it; its results enter the trace as constants like the chunks.
+        state = torch._C._get_tracing_state() if torch.jit.is_tracing() else None
+        if state is not None:
+            torch._C._set_tracing_state(None)
+        try:
+            self._build_plan()
+        finally:
+            if state is not None:
+                torch._C._set_tracing_state(state)
+
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         for name in ("_plan", "_float_requant", "_plan_built_for"):
@@ -267,7 +281,7 @@ class QuantizedWeightedModule(nn.Module):
         # under torch.export (ONNX export) buffers are swapped for fake tensors: keep the plan
         # built from the real ones (rebuilding would read fake values and fail)
         if not torch.compiler.is_exporting() and not self._plan_is_current():
-            self._build_plan()
+            self._rebuild_plan_untraced()
         if self._float_requant is not None:
             return self._forward_float_requant(x, addend)
         if self._float_high_precision:
