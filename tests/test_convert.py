@@ -25,7 +25,7 @@ from hq_lightning.quantization import (
     prepare_qat_fx,
     set_fake_quantize,
 )
-from hq_lightning.quantization.fx.convert import QParams, propagate_qparams
+from hq_lightning.quantization.fx.convert import NON_TENSOR, QParams, propagate_qparams
 from hq_lightning.quantization.fx.tracer import symbolic_trace
 from hq_lightning.quantization.qconfig import (
     default_qat_8bit_fake_quant_qconfig,
@@ -482,6 +482,7 @@ def test_getitem_and_float_region_are_left_alone():
 
         def forward(self, x):
             x = self.quant(torch.tanh(self.pre(x)))
+            x = x.reshape(x.size(0), 2, -1).flatten(1)  # sizes are no tensors
             parts = torch.split(self.fc(x), 2, dim=1)
             return self.dequant(operator.getitem(parts, 1)).sum(dim=1)
 
@@ -489,6 +490,9 @@ def test_getitem_and_float_region_are_left_alone():
     prepared = prepare_qat_fx(Net(), {"": QC, "module_name": {"pre": None}})
     x = torch.randn(8, 4)
     _calibrate(prepared, x)
+    env = propagate_qparams(prepared)
+    by_target = {str(n.target): env[n] for n in prepared.graph.nodes}
+    assert by_target["size"] is NON_TENSOR and isinstance(by_target["reshape"], QParams)
     converted = convert_fx(prepared)
     assert type(converted.pre) is nn.Linear
     s_out = prepared.fc.activation_post_process.scale

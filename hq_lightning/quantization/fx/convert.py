@@ -62,7 +62,18 @@ from hq_lightning.dtype import QuantDType, as_dtype
 from hq_lightning.quantization.fake_quantize import FakeQuantize
 from hq_lightning.quantization.fx import convert_mapping as mapping
 
-__all__ = ["QParams", "convert_fx", "propagate_qparams"]
+__all__ = ["NON_TENSOR", "QParams", "convert_fx", "propagate_qparams"]
+
+
+class _NonTensor:
+    """Marks a value that is no tensor (a shape, a size, arithmetic on them)."""
+
+    def __repr__(self) -> str:
+        return "NON_TENSOR"
+
+
+#: The propagated "qparams" of a non-tensor value (``x.size(0)``, ``x.shape``...).
+NON_TENSOR = _NonTensor()
 
 
 @dataclass(frozen=True)
@@ -113,7 +124,7 @@ class ConvertContext:
     def input(self) -> QParams:
         """The (first) quantized input."""
         for qparams in self.inputs:
-            if qparams is not None:
+            if isinstance(qparams, QParams):
                 return qparams
         raise ValueError(f"Expected `{self.path}` to have a quantized input, but all are float.")
 
@@ -189,7 +200,7 @@ def _accumulator_qparams(module: nn.Module, input_qparams: QParams) -> QParams:
 
 
 def _first_quantized(inputs: Sequence[QParams | None]) -> QParams | None:
-    return next((q for q in inputs if q is not None), None)
+    return next((q for q in inputs if isinstance(q, QParams)), None)
 
 
 def _input_qparams(node: fx.Node, env: dict[fx.Node, Any]) -> list[Any]:
@@ -271,16 +282,14 @@ def _module_output(node: fx.Node, module: nn.Module, inputs: list[Any]) -> Any:
 def _function_output(node: fx.Node, inputs: list[Any]) -> Any:
     target = node.target
     if target is operator.getitem:
-        container = inputs[0] if inputs else None
-        if isinstance(container, tuple):
-            index = node.args[1]
-            return container[index] if isinstance(index, int) else container
-        return container
+        # an item of a split/chunk of an integer tensor, a slice of it, or an element of a shape
+        return inputs[0] if inputs else None
     if target is getattr:
-        return None
+        return NON_TENSOR
     quantized = [q for q in inputs if isinstance(q, QParams)]
     if not quantized:
-        return None
+        # arithmetic on sizes stays a non-tensor; anything touching a float tensor is float
+        return NON_TENSOR if inputs and all(q is NON_TENSOR for q in inputs) else None
     if target in mapping.SCALE_PRESERVING_FUNCTIONS or target in mapping.FUNCTION_BUILDERS:
         return _check_elementwise(node, quantized[0], target in mapping.ELEMENTWISE_FUNCTIONS)
     raise _unsupported(node, f"function {getattr(target, '__name__', target)!r}")
@@ -291,11 +300,11 @@ def _method_output(node: fx.Node, inputs: list[Any], modules: dict[str, nn.Modul
     if functional is not None:
         path, module = functional
         method = str(node.target)
-        if method not in mapping.FLOAT_FUNCTIONAL_BUILDERS:
-            raise _unsupported(node, f"FloatFunctional method {method!r} of `{path}`")
         quantized = [q for q in inputs[1:] if isinstance(q, QParams)]
         if not quantized:
-            return None
+            return None  # a FloatFunctional of the float part of the model
+        if method not in mapping.FLOAT_FUNCTIONAL_BUILDERS:
+            raise _unsupported(node, f"FloatFunctional method {method!r} of `{path}`")
         fake_quant = getattr(module, "activation_post_process", None)
         if not isinstance(fake_quant, FakeQuantize):
             raise RuntimeError(
@@ -303,10 +312,10 @@ def _method_output(node: fx.Node, inputs: list[Any], modules: dict[str, nn.Modul
                 "has none. Give the module that calls it a qconfig before prepare_qat_fx."
             )
         return _fake_quant_qparams(fake_quant)
+    if node.target in mapping.NON_TENSOR_METHODS:
+        return NON_TENSOR
     quantized = [q for q in inputs if isinstance(q, QParams)]
     if not quantized:
-        return None
-    if node.target in mapping.NON_TENSOR_METHODS:
         return None
     if node.target in mapping.SCALE_PRESERVING_METHODS:
         return _check_elementwise(node, quantized[0], node.target in mapping.ELEMENTWISE_METHODS)
@@ -320,8 +329,8 @@ def propagate_qparams(model: fx.GraphModule) -> dict[fx.Node, Any]:
         model: a prepared (``prepare_qat_fx``) GraphModule with calibrated fake quants.
 
     Returns:
-        ``{node: QParams | None}``: the qparams of each node's output (``None`` for float or
-        non-tensor values; a tuple for a node returning several quantized tensors).
+        ``{node: QParams | None | NON_TENSOR}``: the qparams of each node's output (``None`` for
+        a float tensor, :data:`NON_TENSOR` for shapes and sizes).
     """
     modules = dict(model.named_modules())
     env: dict[fx.Node, Any] = {}
@@ -368,13 +377,13 @@ def _replace_modules(model: fx.GraphModule, env: dict[fx.Node, Any]) -> None:
         if node.op == "call_module":
             module = modules[str(node.target)]
             builder = mapping.module_builder(module)
-            if builder is None or env[node] is None and not quantized:
+            if builder is None or not (isinstance(env[node], QParams) or quantized):
                 continue
             ctx = ConvertContext(module, node, str(node.target), inputs, env[node])
             _set_module(model, str(node.target), builder(ctx))
         elif node.op == "call_method":
             functional = _functional_module(node, modules)
-            if functional is None or env[node] is None:
+            if functional is None or not isinstance(env[node], QParams):
                 continue
             # keep the graph's form `call_method(op, (get_attr(path), ...))`: the QFunctional
             # that replaces the FloatFunctional has the same method names. A FloatFunctional

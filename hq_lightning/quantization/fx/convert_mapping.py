@@ -137,7 +137,9 @@ class SegmentQuantize(nn.Module):
 def build_quantize(ctx: ConvertContext) -> nn.Module:
     """``QuantStub`` -> :class:`~hq_lightning.nn.quantized.Quantize` (its ``scale`` is a buffer),
     or :class:`SegmentQuantize` for a stub fed by an integer tensor."""
-    quantized = [q for q in ctx.inputs if q is not None]
+    from hq_lightning.quantization.fx.convert import QParams
+
+    quantized = [q for q in ctx.inputs if isinstance(q, QParams)]
     if quantized:
         x = _per_tensor(ctx, quantized[0], "input")
         return SegmentQuantize(x, ctx.output.scale, ctx.output.dtype)
@@ -151,7 +153,7 @@ def build_dequantize(ctx: ConvertContext) -> nn.Module:
 
 
 def _per_tensor(ctx: ConvertContext, qparams: QParams | None, what: str) -> QParams:
-    if qparams is None:
+    if not hasattr(qparams, "scale"):
         raise RuntimeError(
             f"Expected the {what} of `{ctx.path}` to be quantized, but got a float tensor: put a "
             "QuantStub before it."
@@ -281,9 +283,10 @@ def build_functional(ctx: ConvertContext) -> nn.Module:
 
     One ``QFunctional`` per call: it knows the scale of each tensor input in call order.
     """
-    scales = []
-    for i, qparams in enumerate(ctx.inputs):
-        scales.append(_per_tensor(ctx, qparams, f"input {i}").scale)
+    from hq_lightning.quantization.fx.convert import NON_TENSOR
+
+    tensors = [q for q in ctx.inputs if q is not NON_TENSOR]  # sizes passed as arguments
+    scales = [_per_tensor(ctx, q, f"tensor input {i}").scale for i, q in enumerate(tensors)]
     return nnq.QFunctional(torch.cat(scales), ctx.output.scale, ctx.output.dtype)
 
 
