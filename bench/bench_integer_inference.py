@@ -5,8 +5,10 @@ at 32x32 input, batch 32: time of ``QuantizedConv2d`` (exact int32 accumulation 
 ``torch.nn.Conv2d`` (with bias, no BN/ReLU: a stricter baseline than a float model, whose BN and
 ReLU are extra passes). ``int64 epilogue`` times the same module through its int64 requantization
 (``_forward_int64``, the only path before the exact float64 epilogue, and still the fallback).
-Section 2 (converted vs float models, with torch.ao's converted model as a baseline) is added as
-another ``section_*`` function once ``convert_fx`` exists.
+Section 2: whole models (``tests/models.py`` ResNet-18 and MobileNetV2, 10 classes, 32x32, batch
+32): float model in eval mode (BN and ReLU as separate modules) against the model from
+``prepare_qat_fx`` + calibration on random data + ``convert_fx``, and the same converted model with
+every float epilogue switched off (the int64 requantization everywhere).
 
 The machine is shared, so the candidates run interleaved (float, integer, int64, float, ...) and
 each reports the median of ``--rounds``; ratios are the stable output, absolute times are noisy.
@@ -21,6 +23,7 @@ writes ``bench/results/integer_inference.md``.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 from pathlib import Path
@@ -127,10 +130,85 @@ def section_layers(rounds: int, threads: int, passes: int) -> list[str]:
     return [*rows, ""]
 
 
+def _converted(float_model: torch.nn.Module, gen: torch.Generator) -> torch.nn.Module:
+    from hq_lightning.quantization import (
+        FakeQuantState,
+        convert_fx,
+        prepare_qat_fx,
+        set_fake_quantize,
+    )
+    from hq_lightning.quantization.qconfig import default_calib_8bit_fake_quant_qconfig
+
+    prepared = prepare_qat_fx(float_model, {"": default_calib_8bit_fake_quant_qconfig}).eval()
+    set_fake_quantize(prepared, FakeQuantState.CALIBRATION)
+    with torch.no_grad():
+        for _ in range(2):
+            prepared(torch.randn(BATCH, 3, 32, 32, generator=gen))
+    set_fake_quantize(prepared, FakeQuantState.VALIDATION)
+    return convert_fx(prepared)
+
+
+@torch.no_grad()
+def section_models(rounds: int, passes: int) -> list[str]:
+    from hq_lightning.nn.quantized._weighted import QuantizedWeightedModule
+    from tests.models import mobilenet_v2, resnet18
+
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    rows = [
+        f"## Whole models (1 thread, process CPU time; median of {rounds} interleaved calls per "
+        f"pass, median over {passes} passes)",
+        "",
+        "| model | float ms | converted ms | ratio (min-max) | int64 epilogue everywhere ratio "
+        "| layers on the float64 epilogue |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, model in [
+        ("resnet18", resnet18(num_classes=10)),
+        ("mobilenet_v2", mobilenet_v2(num_classes=10)),
+    ]:
+        float_model = model.eval()
+        converted = _converted(copy.deepcopy(float_model), gen)
+        forced = copy.deepcopy(converted)
+        weighted = [m for m in forced.modules() if isinstance(m, QuantizedWeightedModule)]
+        on_float = sum(
+            m._float_requant is not None
+            for m in converted.modules()
+            if isinstance(m, QuantizedWeightedModule)
+        )
+        for module in weighted:
+            module._float_requant = None
+        x = torch.randn(BATCH, 3, 32, 32, generator=gen)
+        assert torch.equal(converted(x), forced(x))
+        runs = [
+            _medians(
+                {
+                    "float": lambda: float_model(x),  # noqa: B023
+                    "int": lambda: converted(x),  # noqa: B023
+                    "int64": lambda: forced(x),  # noqa: B023
+                },
+                rounds,
+                time.process_time,
+            )
+            for _ in range(passes)
+        ]
+        ratios = [r["int"] / r["float"] for r in runs]
+        rows.append(
+            f"| {name} | {statistics.median(r['float'] for r in runs):.1f} | "
+            f"{statistics.median(r['int'] for r in runs):.1f} | {statistics.median(ratios):.2f} "
+            f"({min(ratios):.2f}-{max(ratios):.2f}) | "
+            f"{statistics.median(r['int64'] / r['float'] for r in runs):.2f} | "
+            f"{on_float}/{len(weighted)} |"
+        )
+        print(rows[-1], flush=True)
+    return [*rows, ""]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--passes", type=int, default=3)
+    parser.add_argument("--skip-models", action="store_true")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument(
         "--out", type=Path, default=Path(__file__).parent / "results" / "integer_inference.md"
@@ -148,6 +226,8 @@ def main() -> None:
     ]
     for threads in args.threads:
         lines += section_layers(args.rounds, threads, args.passes)
+    if not args.skip_models:
+        lines += section_models(args.rounds, args.passes)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines))
     print(f"wrote {args.out}")
