@@ -347,3 +347,90 @@ def test_histogram_scale_is_computed_lazily_when_read():
     fq.enable_fake_quant()
     y = fq(torch.tensor([24.0, 1.0]))  # fake quant uses the scale after this batch
     assert y[0].item() == np.float32(127 * fq.scale.item())
+
+
+# ---------------------------------------------------------------- the CPU autograd function's paths
+def _expected_mask(x: torch.Tensor, scale: torch.Tensor, dtype: str, shape) -> torch.Tensor:
+    qmin, qmax = QRANGE[dtype]
+    inv = (np.float32(1.0) / scale.numpy().astype(np.float32)).reshape(shape)
+    q = np.rint((x.detach().float().numpy() * inv).astype(np.float32))
+    return torch.from_numpy((q >= qmin) & (q <= qmax))
+
+
+@pytest.mark.parametrize("dtype", ["qint8", "qint16"])
+@pytest.mark.parametrize("ch_axis", [None, 0, 1])
+@pytest.mark.parametrize("dt", [torch.float32, torch.float64])
+def test_leaf_recomputed_mask_equals_saved_mask(dtype, ch_axis, dt):
+    """A leaf (weight) recomputes the STE mask in backward, any other input saves a bool mask:
+    both are the saturating STE of the formula, and the outputs are the formula bit for bit."""
+    qmin, qmax = QRANGE[dtype]
+    scales = torch.tensor([2.0**-6, 0.013, 3.7e-5]) if ch_axis is not None else torch.tensor([0.013])
+    shape = [1, 1]
+    if ch_axis is not None:
+        shape[ch_axis] = 3
+    base = torch.stack([inputs(float(s), dtype, n=97, seed=i) for i, s in enumerate(scales)], dim=1)
+    if ch_axis is None:
+        base = inputs(0.013, dtype, n=97 * 3).view(-1, 3)
+    base = (base if ch_axis != 0 else base.t().contiguous()).to(dt)
+    grad = torch.randn(base.shape, dtype=dt)
+    leaf = base.clone().requires_grad_(True)
+    source = base.clone().requires_grad_(True)
+    non_leaf = source * 1.0
+    y_leaf = fake_quantize(leaf, scales, dtype, ch_axis)
+    y_non_leaf = fake_quantize(non_leaf, scales, dtype, ch_axis)
+    expected = torch.from_numpy(ref_fake_quant(base.float().numpy(), scales.numpy().reshape(shape), dtype)).to(dt)
+    assert torch.equal(y_leaf, expected) and torch.equal(y_non_leaf, expected)
+    y_leaf.backward(grad)
+    y_non_leaf.backward(grad)
+    mask = _expected_mask(base, scales, dtype, shape)
+    assert mask.any() and (~mask).any()
+    assert torch.equal(leaf.grad, grad * mask.to(dt))
+    assert torch.equal(source.grad, grad * mask.to(dt))
+    assert leaf.grad.dtype == dt and qmin < 0 < qmax
+
+
+@pytest.mark.parametrize("dtype", ["qint8", "qint16"])
+def test_ste_mask_at_half_codes_inf_and_nan(dtype):
+    """Codes qmin - 0.5 round (half to even) to qmin: inside; qmax + 0.5 rounds to qmax + 1: outside.
+    Huge codes (beyond 2**23), infinities and NaN are outside."""
+    qmin, qmax = QRANGE[dtype]
+    scale = 2.0**-4  # power of two: x * (1 / scale) is exact
+    codes = torch.tensor([qmin - 0.5, qmin - 1.5, qmax + 0.5, qmax - 0.5, qmin, qmax, 2.0**24 + 2, -(2.0**30)])
+    x = torch.cat([codes * scale, torch.tensor([float("inf"), -float("inf"), float("nan")])])
+    for make in (lambda t: t.clone().requires_grad_(True), lambda t: t.clone().requires_grad_(True) * 1.0):
+        xin = make(x)
+        y = fake_quantize(xin, torch.tensor([scale]), dtype)
+        y.backward(torch.ones_like(y))
+        leaf = xin if xin.is_leaf else xin.grad_fn.next_functions[0][0].variable
+        assert leaf.grad.tolist() == [1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+        assert y[:6].tolist() == [qmin * scale, qmin * scale, qmax * scale, (qmax - 1) * scale, qmin * scale, qmax * scale]
+
+
+def test_input_without_grad_and_modified_leaf():
+    x = torch.randn(50) * 3
+    y = fake_quantize(x, torch.tensor([0.05]), "qint8")
+    assert not y.requires_grad
+    assert np.array_equal(y.numpy(), ref_fake_quant(x.numpy(), np.array([0.05], np.float32), "qint8"))
+    # the leaf is kept by reference for the backward: an in-place change before it is refused
+    w = torch.randn(4, 3, requires_grad=True)
+    y = fake_quantize(w, torch.full((4,), 0.01), "qint8", ch_axis=0)
+    with torch.no_grad():
+        w.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_bernoulli_weight_fake_quant_module_gradient():
+    """FakeQuantize on a parameter (the weight path) with power-of-two scales on BERNOULLI."""
+    with march_context("bernoulli"):
+        fq = FakeQuantize(observer=MovingAveragePerChannelMinMaxObserver, ch_axis=0, averaging_constant=1)
+    w = torch.nn.Parameter(torch.randn(5, 3, 2) * torch.tensor([1e-3, 0.1, 1.0, 4.0, 100.0]).view(5, 1, 1))
+    y = fq(w)
+    assert all(np.log2(s).is_integer() for s in fq.scale.tolist())
+    shape = (5, 1, 1)
+    expected = ref_fake_quant(w.detach().numpy(), fq.scale.numpy().reshape(shape), "qint8")
+    assert np.array_equal(y.detach().numpy(), expected)
+    y.backward(torch.full_like(y, 2.0))
+    mask = _expected_mask(w, fq.scale, "qint8", shape)
+    assert (~mask).any()  # the shift clamp (scale 2**-1 at |w| ~ 200) saturates
+    assert torch.equal(w.grad, 2.0 * mask.float())
