@@ -44,7 +44,7 @@ def run(cfg: DictConfig, output_dir: str | None = None, multirun: bool = False) 
 
     Returns:
         phase -> metrics, e.g. ``{"float": {...}, "calibration": {...}, "qat": {...},
-        "converted": {...}}``.
+        "quantized": {...}}`` ("quantized": the converted integer model).
     """
     import lightning.pytorch as pl
     from hydra.utils import instantiate

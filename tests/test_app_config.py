@@ -330,7 +330,7 @@ def test_schedule_is_float_plus_qat_epochs_and_refuses_a_conflicting_max_epochs(
     assert max_epochs(_compose(["float_epochs=3", "+quant=calib"])) == 3
     assert max_epochs(_compose(["float_epochs=3", "trainer.max_epochs=3"])) == 3
     with pytest.raises(
-        ValueError, match="Expected `trainer.max_epochs` to be unset.*= 5\\), but got 9"
+        ValueError, match="Expected `trainer.max_epochs` to be unset.*= 4\\), but got 9"
     ):
         max_epochs(_compose(["float_epochs=3", "+quant=qat", "trainer.max_epochs=9"]))
 

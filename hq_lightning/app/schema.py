@@ -140,7 +140,7 @@ class QuantConf:
     overrides: dict[str, Any] = field(default_factory=dict)
     # the schedule: float_epochs of float training (top-level `float_epochs`), then calibration,
     # then qat_epochs of QAT; trainer.max_epochs is their sum
-    qat_epochs: int = 2
+    qat_epochs: int = 1
     submodule: str = "model"
     calibration_batches: int = 32
     calibration_dataloader: str = "train"

@@ -97,7 +97,9 @@ def write_summary(sweep_dir: str | Path) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def _terminal_columns(header: list[str], rows: list[list[str]]) -> tuple[list[str], list[list[str]]]:
+def _terminal_columns(
+    header: list[str], rows: list[list[str]]
+) -> tuple[list[str], list[list[str]]]:
     """A narrower view for the terminal: overrides by their last two key parts, and per phase
     only the accuracy-like metric when there is one (summary.md / .csv keep every column)."""
     keep = []
