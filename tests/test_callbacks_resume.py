@@ -123,6 +123,14 @@ def test_validate_predict_and_test_from_a_qat_checkpoint(reference, tmp_path):
     (tested,) = trainer.test(module, digits(), ckpt_path=path, verbose=False)
     assert tested["test/acc"] == pytest.approx(expected["test/acc"], abs=1e-6)
 
+    # the path assigned to trainer.ckpt_path beforehand (Lightning's user-managed form)
+    callback = QuantizationCallback(float_epochs=FLOAT_EPOCHS)
+    trainer = make_trainer(tmp_path, [callback], max_epochs=1, **limits)
+    trainer.ckpt_path = path
+    (assigned,) = trainer.validate(classifier(), digits(), verbose=False)
+    assert callback.phase == "qat"
+    assert assigned["val/acc"] == pytest.approx(validated["val/acc"], abs=1e-6)
+
     # a fresh process knows nothing but the checkpoint file
     script = textwrap.dedent(f"""
         import json, torch, lightning.pytorch as pl
