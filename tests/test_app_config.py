@@ -387,3 +387,12 @@ def test_structured_schema_backs_the_root():
     for calib_name, qat_name in qconfig_builder.PRESETS.values():
         for name in (calib_name, qat_name):
             assert name is None or hasattr(named, name), name
+
+
+@pytest.mark.parametrize("name", ["schema", "qconfig_builder", "build", "report", "sweep_summary"])
+def test_docstring_examples_run(name):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(f"hq_lightning.app.{name}"))
+    assert result.attempted > 0 and result.failed == 0

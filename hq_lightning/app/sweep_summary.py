@@ -11,7 +11,7 @@ Example:
     >>> root = pathlib.Path(tempfile.mkdtemp())
     >>> for i, c in enumerate(["0.01", "0.1"]):
     ...     (root / str(i)).mkdir()
-    ...     (root / str(i) / "metrics.json").write_text(json.dumps({
+    ...     _ = (root / str(i) / "metrics.json").write_text(json.dumps({
     ...         "overrides": ["+quant=qat", f"quant.qat.activation.averaging_constant={c}"],
     ...         "metrics": {"converted": {"val/acc": 0.9}}}))
     >>> header, rows = summarize_sweep(root)
