@@ -26,12 +26,18 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import sys
 import time
 import warnings
 from collections import defaultdict
 from pathlib import Path
+
+# On a shared, oversubscribed machine OpenMP threads that spin while waiting for a descheduled
+# sibling make every 2-thread region 5-30x slower (measured: float ResNet-18 350-1760 ms instead
+# of 55-76 ms). Sleeping waiters keep 2-thread timings meaningful; set before torch loads OpenMP.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 from torch import nn
@@ -230,7 +236,7 @@ def main() -> None:
         "",
         f"torch {torch.__version__}, CPU, batch {BATCH}, {SIZE}x{SIZE} input, 10 classes, real widths "
         "(tests/models.py), on a shared 2-core machine: absolute times are noisy, ratios less so. "
-        "Produced by `bench/bench_convert.py`.",
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}. Produced by `bench/bench_convert.py`.",
         "",
     ]
     for threads in args.threads:
