@@ -7,13 +7,19 @@ module, so each run lives in a script started as a subprocess.
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
 
+import lightning.pytorch as pl
 import pytest
 import torch
+from torch import fx
 
+from hq_lightning.callbacks import QuantizationCallback
+from hq_lightning.callbacks._spawn_handoff import MainProcessHandoff
+from hq_lightning.data import DigitsDataModule
 from hq_lightning.models import ClassificationModule, TinyMobileNetV2
 from hq_lightning.qconfig import default_qat_8bit_fake_quant_qconfig
 from hq_lightning.quantization import convert_fx, prepare_qat_fx
@@ -152,3 +158,36 @@ def test_ddp_spawn_hands_the_quantized_model_to_the_main_process(tmp_path):
         assert torch.equal(quantized(images), reconverted(images))
         scripted = torch.jit.load(main["exported"]["torchscript"])
         assert torch.equal(scripted(images[:1]), quantized(images[:1]))
+
+
+def test_handoff_rebuilds_the_main_process_module_before_the_weights_load(tmp_path):
+    """The spawn launcher's steps by hand, in one process (fast; the test above runs the real one)."""
+    def trainer_with(callback):
+        return pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                          enable_progress_bar=False, enable_model_summary=False,
+                          num_sanity_val_steps=0, limit_train_batches=2, limit_val_batches=1,
+                          default_root_dir=tmp_path, callbacks=[callback])
+
+    torch.manual_seed(0)
+    main_callback = QuantizationCallback(float_epochs=1, calibration_batches=1, export=())
+    main_module = ClassificationModule(TinyMobileNetV2(image_size=16, width=8))
+    main_trainer = trainer_with(main_callback)
+    # the worker gets pickled copies, trains and converts
+    worker_callback, worker_module = pickle.loads(pickle.dumps((main_callback, main_module)))
+    trainer_with(worker_callback).fit(worker_module, DigitsDataModule(batch_size=32, image_size=16))
+    message = pickle.dumps(MainProcessHandoff(worker_callback._handoff_token,
+                                              worker_callback._handoff_payload()))
+
+    def recover(trainer):  # like _MultiProcessingLauncher.launch: read the queue, then load
+        pickle.loads(message)
+        trainer.lightning_module.load_state_dict(worker_module.state_dict(), strict=False)
+
+    main_trainer.strategy._lightning_module = main_module  # what trainer.fit sets before launching
+    recover(main_trainer)
+    assert isinstance(main_module.model, fx.GraphModule)
+    assert main_callback.phase == "done" and list(main_callback.metrics_table)[-1] == "quantized"
+    for key, value in worker_module.state_dict().items():
+        assert torch.equal(main_module.state_dict()[key], value), key
+    images = torch.rand(4, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(main_callback.quantized_model(images), worker_callback.quantized_model(images))
