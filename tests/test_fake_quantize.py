@@ -376,8 +376,11 @@ def test_leaf_recomputed_mask_equals_saved_mask(dtype, ch_axis, dt):
     leaf = base.clone().requires_grad_(True)
     source = base.clone().requires_grad_(True)
     non_leaf = source * 1.0
-    y_leaf = fake_quantize(leaf, scales, dtype, ch_axis)
-    y_non_leaf = fake_quantize(non_leaf, scales, dtype, ch_axis)
+    qmin, qmax = QRANGE[dtype]
+    check_scale = scales if ch_axis is not None else scales.reshape(1)
+    axis = None if ch_axis is None else ch_axis % 2
+    y_leaf = _fake_quantize_plain(leaf, check_scale, qmin, qmax, axis)
+    y_non_leaf = _fake_quantize_plain(non_leaf, check_scale, qmin, qmax, axis)
     expected = torch.from_numpy(ref_fake_quant(base.float().numpy(), scales.numpy().reshape(shape), dtype)).to(dt)
     assert torch.equal(y_leaf, expected) and torch.equal(y_non_leaf, expected)
     y_leaf.backward(grad)
@@ -386,7 +389,7 @@ def test_leaf_recomputed_mask_equals_saved_mask(dtype, ch_axis, dt):
     assert mask.any() and (~mask).any()
     assert torch.equal(leaf.grad, grad * mask.to(dt))
     assert torch.equal(source.grad, grad * mask.to(dt))
-    assert leaf.grad.dtype == dt and qmin < 0 < qmax
+    assert leaf.grad.dtype == dt
 
 
 @pytest.mark.parametrize("dtype", ["qint8", "qint16"])
@@ -399,7 +402,7 @@ def test_ste_mask_at_half_codes_inf_and_nan(dtype):
     x = torch.cat([codes * scale, torch.tensor([float("inf"), -float("inf"), float("nan")])])
     for make in (lambda t: t.clone().requires_grad_(True), lambda t: t.clone().requires_grad_(True) * 1.0):
         xin = make(x)
-        y = fake_quantize(xin, torch.tensor([scale]), dtype)
+        y = _fake_quantize_plain(xin, torch.tensor([scale]), qmin, qmax, None)
         y.backward(torch.ones_like(y))
         leaf = xin if xin.is_leaf else xin.grad_fn.next_functions[0][0].variable
         assert leaf.grad.tolist() == [1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
@@ -434,3 +437,17 @@ def test_bernoulli_weight_fake_quant_module_gradient():
     mask = _expected_mask(w, fq.scale, "qint8", shape)
     assert (~mask).any()  # the shift clamp (scale 2**-1 at |w| ~ 200) saturates
     assert torch.equal(w.grad, 2.0 * mask.float())
+
+
+@pytest.mark.parametrize("numel", [8192, 8193])
+def test_per_tensor_dispatch_either_side_of_the_small_size(numel):
+    """Small per-tensor float32 inputs take the aten kernel on CPU, larger ones the plain ops."""
+    scale = torch.tensor([0.02])
+    base = inputs(0.02, "qint8", n=numel - 21, seed=3)
+    x = (base.clone().requires_grad_(True) * 1.0)
+    x.retain_grad()
+    y = fake_quantize(x, scale, "qint8")
+    assert np.array_equal(y.detach().numpy(), ref_fake_quant(base.numpy(), scale.numpy(), "qint8"))
+    y.backward(torch.full_like(y, 0.5))
+    mask = _expected_mask(base, scale, "qint8", (1,))
+    assert torch.equal(x.grad, 0.5 * mask.float()) and (~mask).any()

@@ -8,8 +8,9 @@ with ``1 / scale`` computed in float32 and a saturating straight-through gradien
 where the rounded value lies in ``[qmin, qmax]``, 0 where it was clamped). This is exactly what
 torch's fused aten kernels ``fake_quantize_per_tensor_affine`` / ``fake_quantize_per_channel_affine``
 compute, so float32 inputs on an accelerator take them (one fused pass, cached-mask backward); on
-CPU, and for other floating dtypes, the same formula runs as plain torch ops in float32 (measured
-faster than the aten kernels on CPU). ``x * (1 / scale)`` equals
+CPU, and for other floating dtypes, the same formula runs as plain torch ops in float32 on one
+temporary (measured faster than the aten kernels on CPU, whose loops are scalar), except small
+per-tensor float32 inputs, where the aten kernel's lower per-call cost wins. ``x * (1 / scale)`` equals
 ``x / scale`` except within one ulp of a half-integer tie, and always for power-of-two scales.
 
 Example:
@@ -89,6 +90,12 @@ class _PlainFakeQuantize(torch.autograd.Function):
         return mask.mul_(grad), None, None, None, None
 
 
+#: Up to this many elements a per-tensor float32 fake quant on CPU takes the aten kernel: its
+#: C++ autograd node costs ~40 us less per call than a Python autograd.Function, which is more
+#: than its scalar loop loses below ~16k elements (measured, fwd + bwd, one thread).
+_SMALL_PER_TENSOR_NUMEL = 8192
+
+
 def _check_scale(x: torch.Tensor, scale: torch.Tensor, ch_axis: int | None) -> tuple[torch.Tensor, int | None]:
     if not isinstance(scale, torch.Tensor):
         scale = torch.tensor([float(scale)], device=x.device)
@@ -145,8 +152,9 @@ def fake_quantize(
     """Fake-quantize ``x`` with a symmetric ``scale`` (zero point 0), differentiable (saturating STE).
 
     float32 inputs on an accelerator use torch's fused aten kernels; on CPU plain torch ops are
-    used because we measured them 2-4x faster there (the CPU aten kernels are scalar loops).
-    Both compute the same formula bit for bit.
+    used because we measured them 2-4x faster there (the CPU aten kernels are scalar loops), except
+    per-tensor float32 inputs of at most 8192 elements, where the aten kernel's C++ autograd node
+    is cheaper per call. All paths compute the same formula bit for bit.
 
     Args:
         x: floating point input.
@@ -159,7 +167,9 @@ def fake_quantize(
     """
     info = qinfo(dtype)
     scale, axis = _check_scale(x, scale, ch_axis)
-    if x.dtype == torch.float32 and x.device.type != "cpu":
+    if x.dtype == torch.float32 and (
+        x.device.type != "cpu" or (axis is None and x.numel() <= _SMALL_PER_TENSOR_NUMEL)
+    ):
         return _fake_quantize_aten(x, scale, info.min, info.max, axis)
     return _fake_quantize_plain(x, scale, info.min, info.max, axis)
 

@@ -76,7 +76,11 @@ def normalize_ch_axis(ch_axis: int, ndim: int) -> int:
 
 def check_finite(min_val: torch.Tensor, max_val: torch.Tensor, where: str) -> None:
     """Raise if a batch's min/max contain NaN or +-inf (NaN propagates through min/max)."""
-    if bool(torch.isfinite(min_val).all() & torch.isfinite(max_val).all()):
+    if min_val.numel() == 1 and min_val.device.type == "cpu":
+        # per tensor on CPU: two .item() calls cost 0.4 us, the tensor ops below 15 us
+        if math.isfinite(min_val.item()) and math.isfinite(max_val.item()):
+            return
+    elif bool(torch.isfinite(torch.cat((min_val.reshape(-1), max_val.reshape(-1)))).all()):
         return
     what = "NaN" if bool(torch.isnan(min_val).any() | torch.isnan(max_val).any()) else "+-inf"
     raise ValueError(
