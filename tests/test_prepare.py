@@ -325,6 +325,22 @@ def test_unsupported_ops_are_listed_together():
     assert isinstance(fixed.conv, qat.Conv2d) and type(fixed.norm) is nn.LayerNorm
 
 
+def test_float_ops_after_a_dequant_stub_are_accepted():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.quant = QuantStub()
+            self.conv = nn.Conv2d(2, 4, 1)
+            self.dequant = DeQuantStub()
+
+        def forward(self, x):
+            return self.dequant(self.conv(self.quant(x))).sigmoid()
+
+    prepared = prepare_qat_fx(Net(), {"": QAT8})
+    out = prepared(torch.randn(2, 2, 4, 4))
+    assert out.min() >= 0 and out.max() <= 1
+
+
 def test_mixed_calibration_and_qat_qconfigs_are_refused():
     with pytest.raises(ValueError, match="two prepares of the float model"):
         prepare_qat_fx(

@@ -230,7 +230,7 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module], qconfigs: dict[str, 
     owner = node.meta.get("hq_module_path", "")
     if node.op == "call_module":
         module = modules[str(node.target)]
-        if is_dequant_stub(module):
+        if is_dequant_stub(module) or isinstance(module, qat.DeQuantStub):
             return "float"
         if _is_qat_module(module) or qat_mapping.is_scale_preserving(module):
             return "quantized"
