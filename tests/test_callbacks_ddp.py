@@ -12,9 +12,9 @@ import subprocess
 import sys
 import textwrap
 
-import lightning.pytorch as pl
 import pytest
 import torch
+from test_callbacks import make_trainer
 from torch import fx
 
 from hq_lightning.callbacks import QuantizationCallback
@@ -163,10 +163,7 @@ def test_ddp_spawn_hands_the_quantized_model_to_the_main_process(tmp_path):
 def test_handoff_rebuilds_the_main_process_module_before_the_weights_load(tmp_path):
     """The spawn launcher's steps by hand, in one process (fast; the test above runs the real one)."""
     def trainer_with(callback):
-        return pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                          enable_progress_bar=False, enable_model_summary=False,
-                          num_sanity_val_steps=0, limit_train_batches=2, limit_val_batches=1,
-                          default_root_dir=tmp_path, callbacks=[callback])
+        return make_trainer(tmp_path, [callback], max_epochs=2, limit_train_batches=2, limit_val_batches=1)
 
     torch.manual_seed(0)
     main_callback = QuantizationCallback(float_epochs=1, calibration_batches=1, export=())
