@@ -54,6 +54,7 @@ def run(cfg: DictConfig, output_dir: str | None = None, multirun: bool = False) 
         build_loggers,
         build_quantization_callback,
         check_one_device_per_job,
+        load_float_weights,
         max_epochs,
     )
     from hq_lightning.app.qconfig_builder import build_qconfig_trees, check_march_supports
@@ -80,6 +81,8 @@ def run(cfg: DictConfig, output_dir: str | None = None, multirun: bool = False) 
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.model)
+    if cfg.init_from is not None:
+        load_float_weights(module, str(cfg.init_from))
     callbacks = build_callbacks(cfg.callbacks)
     quantization = None
     if trees is not None:
@@ -88,7 +91,7 @@ def run(cfg: DictConfig, output_dir: str | None = None, multirun: bool = False) 
     trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg.logger), max_epochs=epochs
     )
-    trainer.fit(module, datamodule=datamodule)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume_from)
 
     if quantization is not None:
         # the callback has logged its table (metric x phase) at the end of fit

@@ -174,3 +174,24 @@ def test_override_aliases_reach_the_prepared_model(tmp_path):
     assert type(other).__name__ == "MovingAveragePerTensorMinMaxObserver"
     calibrated = prepare_qat_fx(TinyMobileNetV2(), calibration)
     assert calibrated.classifier.activation_post_process is None
+
+
+def test_ptq_of_saved_float_weights(tmp_path):
+    from hydra.utils import instantiate
+
+    from hq_lightning.app.build import load_float_weights
+
+    float_dir, ptq_dir = tmp_path / "float", tmp_path / "ptq"
+    run(_compose(_tiny(quant=False), float_dir))
+    (checkpoint,) = (float_dir / "logs" / "checkpoints").glob("*.ckpt")
+    cfg = _compose(
+        ["+quant=calib", *_tiny(), "float_epochs=0", f"init_from='{checkpoint}'"], ptq_dir
+    )
+    module = instantiate(cfg.model)
+    load_float_weights(module, str(checkpoint))
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    assert all(torch.equal(saved[k], v) for k, v in module.state_dict().items())
+    table = run(cfg)
+    assert list(table) == ["calibration", "quantized"]
+    with pytest.raises(FileNotFoundError, match="Expected `init_from`"):
+        load_float_weights(module, str(tmp_path / "missing.ckpt"))

@@ -25,6 +25,7 @@ __all__ = [
     "build_loggers",
     "build_quantization_callback",
     "check_one_device_per_job",
+    "load_float_weights",
     "max_epochs",
 ]
 
@@ -69,6 +70,8 @@ def max_epochs(cfg: DictConfig) -> int:
     quant = cfg.get("quant")
     if quant is not None and QuantMode(_mode_value(quant.mode)) is QuantMode.qat:
         total += int(quant.qat_epochs)
+    elif quant is not None and total == 0:
+        total = 1  # PTQ of given weights: calibration opens epoch 0, then training stops
     requested = cfg.trainer.get("max_epochs")
     if requested is not None and int(requested) != total:
         raise ValueError(
@@ -121,3 +124,24 @@ def build_quantization_callback(
         output_dir=output_dir,
         export=tuple(quant.export),
     )
+
+
+def load_float_weights(module: Any, path: str) -> None:
+    """Load float weights into the LightningModule (strict): a Lightning checkpoint's
+    ``state_dict`` or a plain state dict saved with ``torch.save``."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"Expected `init_from` to be an existing checkpoint file, but got {path!r}."
+        ) from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(
+            f"Expected `init_from` to hold a state dict or a Lightning checkpoint, but {path!r} "
+            f"holds a {type(state).__name__}."
+        )
+    module.load_state_dict(state, strict=True)

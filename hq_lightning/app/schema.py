@@ -163,6 +163,8 @@ class AppConfig:
     logger: dict[str, Any] = field(default_factory=dict)
     quant: Optional[QuantConf] = None
     float_epochs: int = 6
+    init_from: Optional[str] = None
+    resume_from: Optional[str] = None
     seed: int = 0
     output_dir: str = MISSING
     print_config: bool = False
