@@ -52,6 +52,7 @@ def _tiny(quant: bool = True) -> list[str]:
     return [a for a in TINY if quant or not a.startswith("quant.")]
 
 
+@pytest.mark.slow  # a subprocess running every phase: tens of seconds on 2 shared cores
 def test_main_job_runs_all_phases_and_leaves_exports_in_the_run_dir(tmp_path):
     run_dir = tmp_path / "run"
     result = _train(["+quant=qat", "march=bayes", *_tiny(), f"hydra.run.dir={run_dir}"], tmp_path)
@@ -87,6 +88,7 @@ def test_fast_dev_run_still_converts(tmp_path):
     assert "quantized" in record["metrics"]
 
 
+@pytest.mark.slow  # a subprocess running two jobs: tens of seconds on 2 shared cores
 def test_two_job_sweep_collects_one_table(tmp_path):
     sweep_dir = tmp_path / "sweep"
     result = _train(

@@ -39,6 +39,7 @@ def test_add_callback_to_existing_trainer(tmp_path):
     assert scripted(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
 
 
+@pytest.mark.slow  # a two-job sweep: tens of seconds on 2 shared cores
 def test_qconfig_sweep(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     header, rows = _recipe("qconfig_sweep").main(
@@ -68,6 +69,7 @@ def test_qconfig_sweep(tmp_path, monkeypatch):
     assert (tmp_path / "sweep" / "summary.md").is_file()
 
 
+@pytest.mark.slow  # trains, converts, patches and traces: tens of seconds on 2 shared cores
 def test_rgb_model_yuv_deploy(tmp_path):
     result = _recipe("rgb_model_yuv_deploy").main(
         [*TINY, "--eval-images", "64", "--output-dir", str(tmp_path)]
