@@ -120,6 +120,7 @@ def _layers_match_in_isolation(prepared: nn.Module, converted: nn.Module, x: tor
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
 def test_converted_model_follows_the_fake_quant_model(digits, arch):
     x_train, y_train, x_test, y_test = digits
+    torch.manual_seed(0)  # the initial weights
     if arch == "resnet18":
         model, epochs = resnet18(width=8, num_classes=10), 4
     else:
@@ -130,7 +131,7 @@ def test_converted_model_follows_the_fake_quant_model(digits, arch):
     _layers_match_in_isolation(prepared, converted, x_test[:64])
     within, argmax = _agreement(prepared, converted, x_test)
     print(f"{arch}: within one step {within:.4f}, arg-max agreement {argmax:.4f}")
-    # measured (float bias, see the module docstring): ResNet-18 98.9-99.2 % within one step and
+    # measured (float bias, see the module docstring): ResNet-18 98.8-99.9 % within one step and
     # 99.4-99.8 % arg-max; MobileNetV2 88-90 % and 97-98 %
     floor_within, floor_argmax = (0.97, 0.98) if arch == "resnet18" else (0.8, 0.95)
     assert within >= floor_within and argmax >= floor_argmax
