@@ -451,3 +451,14 @@ def test_per_tensor_dispatch_either_side_of_the_small_size(numel):
     y.backward(torch.full_like(y, 0.5))
     mask = _expected_mask(base, scale, "qint8", (1,))
     assert torch.equal(x.grad, 0.5 * mask.float()) and (~mask).any()
+
+
+def test_double_backward_through_the_ste():
+    """create_graph=True: the STE gradient is itself differentiable in the incoming gradient."""
+    for make in (lambda t: t.requires_grad_(True), lambda t: t.requires_grad_(True) * 1.0):
+        w = make(torch.randn(300) * 2)
+        y = _fake_quantize_plain(w, torch.tensor([0.01]), -128, 127, None)
+        (grad,) = torch.autograd.grad((y * y).sum(), w, create_graph=True)
+        assert grad.requires_grad
+        mask = _expected_mask(w, torch.tensor([0.01]), "qint8", (1,)).float()
+        assert torch.equal(grad.detach(), 2 * y.detach() * mask)

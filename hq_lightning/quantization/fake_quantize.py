@@ -85,8 +85,9 @@ class _PlainFakeQuantize(torch.autograd.Function):
     def backward(ctx, grad):
         if ctx.recompute_mask:
             x, inv_scale = ctx.saved_tensors
-            mask = torch.mul(x if x.dtype == torch.float32 else x.float(), inv_scale)
-            _in_range_(mask.round_(), *ctx.qrange)
+            with torch.no_grad():  # a constant even under create_graph=True
+                mask = torch.mul(x if x.dtype == torch.float32 else x.float(), inv_scale)
+                _in_range_(mask.round_(), *ctx.qrange)
         else:
             (mask,) = ctx.saved_tensors
         mask = mask.to(grad.dtype)
