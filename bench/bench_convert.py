@@ -84,7 +84,7 @@ def warm_batch_norm(model: nn.Module, batches: list[torch.Tensor]) -> nn.Module:
     return model.eval()
 
 
-def hq_converted(float_model: nn.Module, batches: list[torch.Tensor]) -> tuple[nn.Module, float]:
+def calibrated(float_model: nn.Module, batches: list[torch.Tensor]) -> nn.Module:
     prepared = prepare_qat_fx(float_model, {"": default_calib_8bit_fake_quant_qconfig})
     prepared.eval()
     set_fake_quantize(prepared, FakeQuantState.CALIBRATION)
@@ -92,12 +92,53 @@ def hq_converted(float_model: nn.Module, batches: list[torch.Tensor]) -> tuple[n
         for x in batches:
             prepared(x)
     set_fake_quantize(prepared, FakeQuantState.VALIDATION)
+    return prepared
+
+
+def hq_converted(
+    float_model: nn.Module, batches: list[torch.Tensor], repeats: int = 3
+) -> tuple[nn.Module, float]:
+    prepared = calibrated(float_model, batches)
     times = []
-    for _ in range(3):
+    for _ in range(repeats):
         start = time.perf_counter()
         converted = convert_fx(prepared)
         times.append(time.perf_counter() - start)
     return converted, statistics.median(times)
+
+
+def convert_time(repeats: int) -> list[str]:
+    """The convert-time section alone: ``convert_fx`` and the first forward after it (1 thread).
+
+    Both are timed because derived state an integer module builds lazily moves from
+    ``convert_fx`` into the first call; wall clock and process CPU time, median of ``repeats``.
+    """
+    torch.set_num_threads(1)
+    batches = _calibration_batches()
+    x = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    lines = [
+        f"## convert_fx time, 1 thread, median of {repeats}",
+        "",
+        "| model | convert_fx wall s | convert_fx CPU s | first forward (batch 1) wall s | second forward wall s |",
+        "|---|---|---|---|---|",
+    ]
+    for name, build in MODELS.items():
+        prepared = calibrated(warm_batch_norm(build(), batches), batches)
+        walls, cpus, firsts, seconds = [], [], [], []
+        for _ in range(repeats):
+            wall, cpu = time.perf_counter(), time.process_time()
+            converted = convert_fx(prepared)
+            walls.append(time.perf_counter() - wall)
+            cpus.append(time.process_time() - cpu)
+            with torch.inference_mode():
+                for store in (firsts, seconds):
+                    start = time.perf_counter()
+                    converted(x)
+                    store.append(time.perf_counter() - start)
+        row = [statistics.median(v) for v in (walls, cpus, firsts, seconds)]
+        print(name, " ".join(f"{v:.3f}" for v in row), flush=True)
+        lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in row) + " |")
+    return lines + [""]
 
 
 def torch_ao_converted(float_model: nn.Module, batches: list[torch.Tensor]) -> nn.Module:
@@ -229,8 +270,15 @@ def main() -> None:
         "--threads", type=int, nargs="+", default=[THREADS, 1],
         help="intra-op thread counts; with 1 the clock is the process CPU time (immune to descheduling)",
     )
+    parser.add_argument(
+        "--convert-only", action="store_true",
+        help="print only the convert-time section (convert_fx and the first forward); writes nothing",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "convert.md")
     args = parser.parse_args()
+    if args.convert_only:
+        print("\n".join(convert_time(repeats=5)))
+        return
     lines = [
         "# convert_fx: converted-model inference and conversion time",
         "",
@@ -241,6 +289,7 @@ def main() -> None:
     ]
     for threads in args.threads:
         lines += run(threads, args.rounds, args.profile)
+    lines += convert_time(repeats=5)
     # the hand-written "## Analysis" section of an earlier run is kept (it reads these tables)
     if args.out.exists() and ANALYSIS in args.out.read_text():
         lines += [ANALYSIS + args.out.read_text().split(ANALYSIS, 1)[1].rstrip("\n")]
