@@ -68,6 +68,7 @@ def test_docstring_examples_run():
             "hq_lightning.quantization.state",
             "hq_lightning.quantization.qconfig",
             "hq_lightning.quantization.stubs",
+            "hq_lightning.quantization.calibration_state",
         ]:
             result = doctest.testmod(importlib.import_module(name))
             if result.failed:

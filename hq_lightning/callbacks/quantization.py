@@ -39,7 +39,6 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from hq_lightning.callbacks._fake_quant_transfer import copy_calibration_state, copy_float_state
 from hq_lightning.callbacks._metrics_table import render_metrics_table
 from hq_lightning.callbacks._qconfig_checks import (
     check_no_qconfig_attributes,
@@ -48,6 +47,7 @@ from hq_lightning.callbacks._qconfig_checks import (
 from hq_lightning.callbacks._spawn_handoff import install_handoff, new_token
 from hq_lightning.callbacks._submodule import get_submodule, set_submodule
 from hq_lightning.march import as_march, march_context
+from hq_lightning.quantization.calibration_state import copy_calibration_state, copy_float_state
 from hq_lightning.quantization.fake_quantize import FakeQuantize
 from hq_lightning.quantization.qconfig import (
     default_calib_8bit_fake_quant_qconfig,

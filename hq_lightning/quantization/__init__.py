@@ -25,6 +25,9 @@ _EXPORTS = {
     "FakeQuantState": "state",
     "set_fake_quantize": "state",
     "QConfig": "qconfig",
+    # calibration -> QAT hand-over
+    "copy_calibration_state": "calibration_state",
+    "copy_float_state": "calibration_state",
     # stubs
     "QuantStub": "stubs",
     "DeQuantStub": "stubs",

@@ -1,12 +1,40 @@
-"""Copy weights into a calibration prepare, and calibrated fake-quant state back to the QAT model."""
+"""Carry state between the two prepares of the calibration -> QAT workflow.
+
+Calibration and QAT qconfigs are never mixed in one prepared model (semantics.md section 4): the
+float model is prepared once with calibration qconfigs and calibrated, then prepared again with
+QAT qconfigs. ``copy_calibration_state`` moves the calibrated scales into the QAT prepare; the
+observer types differ (histogram vs moving average), so a strict ``load_state_dict`` cannot.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from hq_lightning.quantization import (
+    ...     QuantStub, DeQuantStub, prepare_qat_fx, set_fake_quantize, FakeQuantState,
+    ...     copy_calibration_state)
+    >>> from hq_lightning.qconfig import (
+    ...     default_calib_8bit_fake_quant_qconfig, default_qat_8bit_fake_quant_qconfig)
+    >>> float_model = nn.Sequential(QuantStub(), nn.Conv2d(3, 4, 3), nn.ReLU(), DeQuantStub())
+    >>> calib = prepare_qat_fx(float_model, {"": default_calib_8bit_fake_quant_qconfig})
+    >>> _ = calib.eval()
+    >>> set_fake_quantize(calib, FakeQuantState.CALIBRATION)
+    >>> with torch.no_grad():
+    ...     _ = calib(torch.randn(8, 3, 8, 8))
+    >>> qat = prepare_qat_fx(float_model, {"": default_qat_8bit_fake_quant_qconfig})
+    >>> names = copy_calibration_state(calib, qat)
+    >>> bool(torch.equal(qat.get_submodule(names[0]).scale, calib.get_submodule(names[0]).scale))
+    True
+"""
 
 import torch
 from torch import nn
 
 from hq_lightning.quantization.fake_quantize import FakeQuantize
 
+__all__ = ["copy_calibration_state", "copy_float_state", "fake_quant_names"]
+
 
 def fake_quant_names(model: nn.Module) -> list[str]:
+    """Names of every FakeQuantize in ``model``, in ``named_modules`` order."""
     return [name for name, module in model.named_modules() if isinstance(module, FakeQuantize)]
 
 
