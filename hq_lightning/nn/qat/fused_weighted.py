@@ -19,6 +19,20 @@ their gradients through the BN), which saves keeping the conv output for the div
 In the FLOAT state (weight fake quant and observer both off) it computes exactly ``bn(conv(x))``.
 After :meth:`freeze_bn` (or in ``eval()``) it runs the folded conv with running statistics,
 which is what convert deploys.
+
+Bias fake quant (``bias_fake_quant``): the converted layer adds an int32 bias on the accumulator
+grid ``s_acc[c] = s_in * s_w[c]`` (docs/integer-arithmetic.md, section 2). When it is active the
+(BN-folded) bias is replaced in the forward by
+``quantize_bias(b, s_acc) * s_acc`` (the very rule convert uses), with a straight-through
+gradient, so the fake-quant model adds what the chip adds. ``s_in`` is the scale of the
+``FakeQuantize`` that produces the module's input; ``prepare_qat_fx`` links it with
+:meth:`~FusedWeightedMixin.set_input_fake_quant` (a plain reference, not a submodule: the
+``state_dict`` is unchanged). ``bias_fake_quant`` is ``True`` (QAT and VALIDATION), ``False``
+(never: the float bias) or ``None`` (march default: always on BERNOULLI, where the bias is
+quantized during QAT; elsewhere only in ``eval()``, i.e. VALIDATION, which predicts the deployed
+model). It needs the weight and the input to be fake-quantized (not in CALIBRATION or FLOAT),
+and a kept BN normalising with running statistics (frozen or ``eval()``): with batch statistics
+there is no deployable bias yet.
 """
 
 from __future__ import annotations
@@ -29,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hq_lightning.functional.integer.quantize import quantize_bias
+from hq_lightning.march import March
 from hq_lightning.nn.qat.fake_quant_builders import activation_fake_quant, weight_fake_quant
 
 __all__ = ["FusedWeightedMixin"]
@@ -51,6 +67,8 @@ class FusedWeightedMixin:
 
     weight: nn.Parameter
     bias: nn.Parameter | None
+    #: ``True``, ``False`` or ``None`` (march default); see the module docstring.
+    bias_fake_quant: bool | None = None
 
     def _init_qat(self, qconfig: Any, bn: nn.Module | None, relu: str | nn.Module | None, has_add: bool) -> None:
         self.qconfig = qconfig
@@ -175,6 +193,65 @@ class FusedWeightedMixin:
     def _weighted_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ bias fake quant
+    @property
+    def input_fake_quant(self) -> nn.Module | None:
+        """The ``FakeQuantize`` producing this module's input (``None`` if not linked)."""
+        return self.__dict__.get("_input_fake_quant")
+
+    def set_input_fake_quant(self, fake_quant: nn.Module | None):
+        """Link the ``FakeQuantize`` whose scale is this module's input scale ``s_in``.
+
+        Stored as a plain reference, not as a submodule, so ``state_dict``, ``modules()`` and
+        printing are unchanged; ``copy.deepcopy`` of the whole model keeps it pointing at the
+        copy's own ``FakeQuantize``.
+        """
+        if fake_quant is not None and not (hasattr(fake_quant, "scale") and hasattr(fake_quant, "fake_quant_enabled")):
+            raise TypeError(
+                f"Expected `fake_quant` to be a FakeQuantize (with `scale`) or None, but got {type(fake_quant).__name__}."
+            )
+        self.__dict__["_input_fake_quant"] = fake_quant
+        return self
+
+    def _bias_fake_quant_active(self) -> bool:
+        input_fake_quant = self.__dict__.get("_input_fake_quant")
+        if input_fake_quant is None or self.bias_fake_quant is False:
+            return False
+        if not (input_fake_quant.fake_quant_enabled and self.weight_fake_quant.fake_quant_enabled):
+            return False
+        if self.bias_fake_quant is None:
+            return self.weight_fake_quant.march is March.BERNOULLI or not self.training
+        return True
+
+    def accumulator_scale(self) -> torch.Tensor:
+        """``s_in * s_w[c]`` per output channel in float64 (exact), as convert computes it.
+
+        Needs the linked input fake quant (:meth:`set_input_fake_quant`).
+        """
+        input_fake_quant = self.__dict__.get("_input_fake_quant")
+        if input_fake_quant is None:
+            raise RuntimeError(
+                f"Expected {self._get_name()} to be linked to its input FakeQuantize, but it is not: "
+                "build the model with prepare_qat_fx, or call set_input_fake_quant(fake_quant)."
+            )
+        channels = self._out_channels()
+        weight_scale = self.weight_fake_quant.scale.detach().to(torch.float64).flatten()
+        if weight_scale.numel() == 1:
+            weight_scale = weight_scale.expand(channels)
+        elif weight_scale.numel() != channels:
+            # ConvTranspose: [C_out / groups] scales on weight axis 1, one set per group
+            weight_scale = weight_scale.repeat(channels // weight_scale.numel())
+        input_scale = input_fake_quant.scale.detach().to(torch.float64).reshape(())
+        return input_scale.to(weight_scale.device) * weight_scale
+
+    def _fake_quant_bias(self, bias: torch.Tensor | None) -> torch.Tensor | None:
+        if bias is None or not self._bias_fake_quant_active():
+            return bias
+        s_acc = self.accumulator_scale()
+        on_grid = (quantize_bias(bias.detach(), s_acc).to(torch.float64) * s_acc).to(bias.dtype)
+        # straight-through: the forward adds the int32-grid bias, the gradient is the float one's
+        return bias + (on_grid - bias).detach()
+
     def _forward_with_bn(self, x: torch.Tensor) -> torch.Tensor:
         bn = self.bn
         fake_quant = self.weight_fake_quant
@@ -195,7 +272,7 @@ class FusedWeightedMixin:
             folded_bias = (bias - bn.running_mean) * factor
             if bn.bias is not None:
                 folded_bias = folded_bias + bn.bias
-            return self._weighted_forward(x, weight, folded_bias)
+            return self._weighted_forward(x, weight, self._fake_quant_bias(folded_bias))
         out = self._weighted_forward(x, weight, None)
         shape = self._channel_shape(out.dim())
         out = out / factor.reshape(shape)
@@ -205,7 +282,8 @@ class FusedWeightedMixin:
 
     def forward(self, x: torch.Tensor, addend: torch.Tensor | None = None) -> torch.Tensor:
         if self.bn is None:
-            out = self._weighted_forward(x, self.weight_fake_quant(self.weight), self.bias)
+            weight = self.weight_fake_quant(self.weight)  # first: the bias grid uses its scale
+            out = self._weighted_forward(x, weight, self._fake_quant_bias(self.bias))
         else:
             out = self._forward_with_bn(x)
         if self.has_add:

@@ -11,7 +11,10 @@ Steps, never in place:
    generated ``_generated_<op>_<i>`` modules inherit the qconfig of the module whose ``forward``
    called the op;
 4. check the graph: every operation on a quantized activation (from a QuantStub up to a
-   DeQuantStub) must be quantizable, else ONE error lists them all.
+   DeQuantStub) must be quantizable, else ONE error lists them all;
+5. link each weighted QAT module to the ``FakeQuantize`` producing its input
+   (:mod:`.input_fake_quant`) and set its ``bias_fake_quant`` option, so its bias can be
+   fake-quantized on the int32 accumulator grid ``s_in * s_w`` like the converted layer's.
 
 The march is read here: each FakeQuantize captures ``get_march()`` when it is built.
 
@@ -44,6 +47,7 @@ from torch import fx, nn
 
 from hq_lightning.nn import qat
 from hq_lightning.quantization.fx import qat_mapping
+from hq_lightning.quantization.fx.input_fake_quant import link_input_fake_quants
 from hq_lightning.quantization.fx.qconfig_tree import (
     check_module_names,
     parse_qconfig_dict,
@@ -72,6 +76,7 @@ def prepare_qat_fx(
     example_inputs: Any = None,
     *,
     qat_mode: str = "fuse_bn",
+    bias_fake_quant: bool | None = None,
 ) -> fx.GraphModule:
     """Fuse ``model`` and replace its modules by fake-quant ``hq_lightning.nn.qat`` modules.
 
@@ -84,6 +89,13 @@ def prepare_qat_fx(
             does not need them.
         qat_mode: ``"fuse_bn"`` (default) folds BN into the conv at fuse time; ``"with_bn"``
             keeps BN trainable (see :mod:`hq_lightning.nn.qat.fused_weighted`).
+        bias_fake_quant: put the Conv/Linear bias on the int32 accumulator grid
+            ``s_in * s_w[c]`` of the converted layer (straight-through gradient). ``None``
+            (default): on BERNOULLI in QAT and VALIDATION, on the other marches in VALIDATION
+            (``eval()``) only, so validation predicts the deployed model while QAT trains with
+            the float bias; ``True``: also during QAT on every march; ``False``: never (the float
+            bias everywhere). Each weighted module's ``bias_fake_quant`` attribute can be changed
+            later.
 
     Returns:
         the prepared GraphModule, in the same train/eval mode as ``model``.
@@ -98,6 +110,10 @@ def prepare_qat_fx(
         raise ValueError(f"Expected `qat_mode` to be one of {QAT_MODES}, but got {qat_mode!r}.")
     if not isinstance(model, nn.Module):
         raise TypeError(f"Expected `model` to be an nn.Module, but got {type(model).__name__}.")
+    if bias_fake_quant is not None and not isinstance(bias_fake_quant, bool):
+        raise TypeError(
+            f"Expected `bias_fake_quant` to be None (march default), True or False, but got {bias_fake_quant!r}."
+        )
     from hq_lightning.quantization.fx.fuse import fuse_fx
 
     tree = parse_qconfig_dict(qconfig_dict)
@@ -133,6 +149,10 @@ def prepare_qat_fx(
         if not _is_qat_module(module):
             module.__dict__.pop(_QCONFIG_ATTR, None)
     _check_supported(fused, resolved_final)
+    for module in fused.modules():
+        if isinstance(module, qat.FusedWeightedMixin):
+            module.bias_fake_quant = bias_fake_quant
+    link_input_fake_quants(fused)
     return fused
 
 
