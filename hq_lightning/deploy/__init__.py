@@ -1,8 +1,8 @@
 """Deployment: segmentation into stages, the YUV input patch, TorchScript and ONNX export."""
 
-from hq_lightning.deploy.export_onnx import export_onnx, run_onnx
-from hq_lightning.deploy.export_torchscript import export_torchscript
+from hq_lightning.deploy.onnx_export import export_onnx, run_onnx
 from hq_lightning.deploy.segment import check_float_boundary, run_stages, split_stages
+from hq_lightning.deploy.torchscript_export import export_torchscript
 from hq_lightning.deploy.yuv_patch import input_stub_names, patch_yuv_input
 
 __all__ = [

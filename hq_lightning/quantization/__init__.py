@@ -21,7 +21,6 @@ _EXPORTS = {
     # fake quant and its states
     "FakeQuantize": "fake_quantize",
     "CalibFakeQuantize": "fake_quantize",
-    "fake_quantize": "fake_quantize",
     "FakeQuantState": "state",
     "set_fake_quantize": "state",
     "QConfig": "qconfig",

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hq_lightning.deploy.export_torchscript import as_example_tuple
+from hq_lightning.deploy.torchscript_export import as_example_tuple
 
 __all__ = ["export_onnx", "run_onnx"]
 
