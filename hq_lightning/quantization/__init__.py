@@ -37,6 +37,10 @@ _EXPORTS = {
     "prepare_qat_fx": "fx.prepare",
     "convert_fx": "fx.convert",
     "register_fusion_pattern": "fx.patterns",
+    # per-layer sensitivity and mixed-precision fallback
+    "layer_sensitivity": "sensitivity",
+    "LayerSensitivity": "sensitivity",
+    "SensitivityReport": "sensitivity",
 }
 
 __all__ = sorted(_EXPORTS)
