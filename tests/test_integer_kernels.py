@@ -177,6 +177,28 @@ def test_chunks_are_greedy_under_the_abs_weight_sum_rule_and_stay_exact():
     assert acc.flatten().tolist() == exact.tolist()
 
 
+@pytest.mark.parametrize("kind", ["conv2d", "linear", "conv_transpose2d"])
+def test_abs_weight_sums_are_exact_including_minus_128(kind):
+    from hq_lightning.functional.integer.accumulate import _abs_weight_sums
+
+    gen = torch.Generator().manual_seed(21)
+    shape = {"conv2d": (3, 4, 3, 3), "linear": (3, 5), "conv_transpose2d": (4, 3, 2, 2)}[kind]
+    w = torch.randint(-128, 128, shape, generator=gen).to(torch.int8)
+    w.view(-1)[::3] = -128  # |-128| wraps in int8 arithmetic
+    if kind == "conv_transpose2d":  # groups=2: output channel g*3 + j sees inputs 2g, 2g+1
+        expect = [
+            [sum(abs(v) for v in w[2 * g + i, j].flatten().tolist()) for i in range(2)]
+            for g in range(2)
+            for j in range(3)
+        ]
+        got = _abs_weight_sums(w, 2, True)
+    else:
+        expect = [[sum(abs(v) for v in w[o, i].reshape(-1).tolist()) for i in range(shape[1])]
+                  for o in range(3)]
+        got = _abs_weight_sums(w, 1, False)
+    assert got.dtype == torch.int64 and got.tolist() == expect
+
+
 def test_conv_transpose2d_chunks_per_group_stay_exact():
     gen = torch.Generator().manual_seed(13)
     w = torch.randint(-128, 128, (1200, 2, 2, 2), generator=gen).to(torch.int8)  # groups=2
@@ -357,14 +379,14 @@ def test_float_requant_rejects_int32_saturation_inside_the_window():
 def test_accumulator_range_is_a_tight_bound(kind, act):
     gen = torch.Generator().manual_seed(9)
     info = torch.iinfo(act)
+    shape = {"linear": (3, 7), "conv2d": (3, 2, 2, 2), "conv_transpose2d": (4, 3, 1, 1)}[kind]
+    w = torch.randint(-128, 128, shape, generator=gen).to(torch.int8)
+    w.view(-1)[::4] = -128  # the magnitude of -128 must not wrap
     if kind == "linear":
-        w = torch.randint(-128, 128, (3, 7), generator=gen).to(torch.int8)
         per_channel = w.long()
     elif kind == "conv2d":
-        w = torch.randint(-128, 128, (3, 2, 2, 2), generator=gen).to(torch.int8)
         per_channel = w.long().reshape(3, -1)
     else:  # [C_in, C_out/g, kh, kw], groups=2 -> output channel g*opg + j
-        w = torch.randint(-128, 128, (4, 3, 1, 1), generator=gen).to(torch.int8)
         per_channel = torch.stack(
             [w[g * 2 : g * 2 + 2, j].long().flatten() for g in (0, 1) for j in range(3)]
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 from fractions import Fraction
@@ -536,3 +537,55 @@ def test_trace_of_a_sliced_module_generalizes_to_other_batch_sizes():
     x7, y7 = _ints(gen, (7, 3, 5, 5), "qint8"), _ints(gen, (7, 6, 5, 5), "qint8")
     assert torch.equal(traced(x7, y7), conv(x7, y7))
     assert torch.equal(conv(x7, y7), conv._forward_int64(x7, y7))
+
+
+def _fused_conv(gen, bias_shift=0.0):
+    return QuantizedConv2d.from_float_params(
+        torch.randn(6, 4, 3, 3, generator=gen),
+        torch.randn(6, generator=gen) + bias_shift,
+        torch.rand(6, generator=gen) * 0.01 + 1e-3,
+        0.05,
+        0.1,
+        padding=1,
+        addend_scale=0.2,
+        activation="relu6",
+    )
+
+
+def test_plan_is_derived_on_the_first_forward_not_at_construction():
+    gen = torch.Generator().manual_seed(16)
+    conv = _fused_conv(gen)
+    assert conv._derived_plan is None  # construction (convert_fx) does not pay for the plan
+    x, y = _ints(gen, (2, 4, 5, 5), "qint8"), _ints(gen, (2, 6, 5, 5), "qint8")
+    # a never-run module traces (the plan is built with the tracer paused), scripts by copy,
+    # pickles and deep-copies; every route gives the eager int64 rule's result
+    expect = conv._forward_int64(x, y)
+    fresh = [copy.deepcopy(conv) for _ in range(3)]
+    assert all(m._derived_plan is None for m in fresh)
+    traced = torch.jit.trace(fresh[0], (x, y))
+    assert torch.equal(traced(x, y), expect)
+    buffer = io.BytesIO()
+    torch.save(fresh[1], buffer)
+    buffer.seek(0)
+    assert torch.equal(torch.load(buffer, weights_only=False)(x, y), expect)
+    assert torch.equal(conv(x, y), expect)
+    assert conv._derived_plan is not None
+    used = copy.deepcopy(conv)  # a deep copy drops the derived state and rebuilds it lazily
+    assert used._derived_plan is None and torch.equal(used(x, y), expect)
+    # load_state_dict drops the plan: the next forward derives it from the loaded buffers
+    other = _fused_conv(gen, bias_shift=3.0)
+    other(x, y)
+    other.load_state_dict(conv.state_dict())
+    assert other._derived_plan is None and torch.equal(other(x, y), expect)
+    assert torch.equal(fresh[2](x, y), expect)
+
+
+def test_export_of_a_never_run_module_asks_for_a_real_run_first():
+    gen = torch.Generator().manual_seed(17)
+    conv = _fused_conv(gen)
+    x, y = _ints(gen, (1, 4, 5, 5), "qint8"), _ints(gen, (1, 6, 5, 5), "qint8")
+    with pytest.raises(Exception, match="to have run once on a real input"):
+        torch.export.export(conv, (x, y))
+    conv(x, y)  # what hq_lightning.deploy.export_onnx does before exporting
+    exported = torch.export.export(conv, (x, y))
+    assert torch.equal(exported.module()(x, y), conv._forward_int64(x, y))

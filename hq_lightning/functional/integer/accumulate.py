@@ -23,13 +23,14 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hq_lightning.functional.integer.float_requant import accumulator_range
+from hq_lightning.functional.integer.float_requant import abs_weight, accumulator_range
 
 __all__ = ["EXACT_FLOAT32_BOUND", "ConvPlan", "chunk_channels"]
 
@@ -55,12 +56,20 @@ def _max_abs_input(activation_dtype: torch.dtype) -> int:
 
 def _abs_weight_sums(weight: Tensor, groups: int, transposed: bool) -> Tensor:
     """``[C_out, C_in/groups]``: sum of ``|w|`` over the kernel taps, per output and input channel."""
-    w = weight.to(torch.int64).abs()
-    if transposed:  # [C_in, C_out/g, k...] -> [g * C_out/g, C_in/g]
-        cpg = w.shape[0] // groups
-        w = w.reshape(groups, cpg, w.shape[1], -1).sum(-1).transpose(1, 2)
-        return w.reshape(-1, cpg)
-    return w.reshape(w.shape[0], w.shape[1], -1).sum(-1)
+    if transposed:  # [C_in, C_out/g, k...] -> [g * C_out/g, C_in/g, k...]
+        cpg = weight.shape[0] // groups
+        weight = weight.reshape(groups, cpg, weight.shape[1], -1).transpose(1, 2)
+        weight = weight.reshape(-1, cpg, weight.shape[-1])
+    rows, channels = weight.shape[0], weight.shape[1]
+    taps = math.prod(weight.shape[2:])
+    magnitudes = abs_weight(weight).reshape(rows * channels, taps)
+    if taps == 1:
+        return magnitudes.reshape(rows, channels).to(torch.int64)
+    # float32 sums of at most 2^16 taps of |w| <= 128 are exact (< 2^24); summing over the
+    # leading axis of the transposed view is vectorised, unlike a reduction over a short last axis
+    wide = torch.float32 if weight.dtype == torch.int8 and taps <= 2**16 else torch.float64
+    sums = magnitudes.to(wide).t().sum(0)
+    return sums.to(torch.int64).reshape(rows, channels)
 
 
 def _chunk_bounds(abs_sums: Tensor, activation_dtype: torch.dtype) -> list[tuple[int, int]]:
@@ -116,14 +125,16 @@ class ConvPlan:
         transposed = kind == "conv_transpose2d"
         cpg = weight.shape[0] // groups if transposed else weight.shape[1]
         bounds = _chunk_bounds(_abs_weight_sums(weight, groups, transposed), activation_dtype)
-        chunks = [cls._slice_weight(weight, a, b, groups, cpg, transposed) for a, b in bounds]
+        as_float = weight.to(torch.float32)  # converted once, sliced per chunk
+        chunks = [cls._slice_weight(as_float, a, b, groups, cpg, transposed) for a, b in bounds]
         return cls(kind, weight, groups, cpg, bounds, chunks)
 
     @staticmethod
     def _slice_weight(
-        weight: Tensor, start: int, stop: int, groups: int, cpg: int, transposed: bool
+        w: Tensor, start: int, stop: int, groups: int, cpg: int, transposed: bool
     ) -> Tensor:
-        w = weight.to(torch.float32)
+        if start == 0 and stop == cpg:
+            return w.contiguous()  # one chunk: the whole float32 weight
         if not transposed:
             return w[:, start:stop].contiguous()
         grouped = w.reshape(groups, cpg, *w.shape[1:])[:, start:stop]

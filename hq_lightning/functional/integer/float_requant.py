@@ -48,6 +48,17 @@ EXACT_FLOAT64_BOUND = 2**53
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
 
+def abs_weight(weight: Tensor) -> Tensor:
+    """``|w|`` exactly, cheaply: for int8 the wrapped ``abs`` read as uint8 (``|-128|`` = 128).
+
+    An int8 ``abs`` maps -128 to itself (bit pattern 0x80), which is 128 as uint8; this avoids
+    widening large weights to int64 just to take magnitudes. Other dtypes: int64 ``abs``.
+    """
+    if weight.dtype == torch.int8:
+        return weight.abs().view(torch.uint8)
+    return weight.to(torch.int64).abs()
+
+
 def accumulator_range(
     weight: Tensor, kind: str, groups: int, activation_dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
@@ -58,14 +69,19 @@ def accumulator_range(
     kernel tap is counted, which over-covers the taps one output pixel really sees (still a bound).
     """
     info = torch.iinfo(activation_dtype)
-    w = weight.to(torch.int64)
+    w = weight
     if kind == "conv_transpose2d":
         # [C_in, C_out/g, k...] -> [g, C_in/g, C_out/g, k...] -> per output channel g*opg + j
         cpg = w.shape[0] // groups
         w = w.reshape(groups, cpg, *w.shape[1:]).transpose(1, 2).reshape(-1, cpg, *w.shape[2:])
     w = w.reshape(w.shape[0], -1)
-    positive = w.clamp(min=0).sum(1)
-    negative = (-w).clamp(min=0).sum(1)
+    # positive + negative = sum |w| and positive - negative = sum w; int32 sums of 8-bit values
+    # are exact below 2^23 taps (widened before they combine)
+    wide = torch.int32 if weight.dtype == torch.int8 else torch.int64
+    absolute = abs_weight(w).sum(1, dtype=wide).to(torch.int64)
+    signed = w.sum(1, dtype=wide).to(torch.int64)
+    positive = (absolute + signed) // 2
+    negative = (absolute - signed) // 2
     acc_max = info.max * positive - info.min * negative
     acc_min = info.min * positive - info.max * negative
     return acc_min, acc_max

@@ -30,8 +30,11 @@ _ACTIVATIONS = (None, "relu", "relu6")
 
 
 def _rebuild_plan_after_load(module: QuantizedWeightedModule, _incompatible_keys) -> None:
-    # a top-level function (not a lambda) so whole-module torch.save can pickle the hook
-    module._build_plan()
+    # A top-level function (not a lambda) so whole-module torch.save can pickle the hook; the name
+    # stays for modules saved before the plan became lazy. Loading copies into the buffers in
+    # place (which the staleness check sees anyway); dropping the plan also makes an export
+    # straight after a load ask for the real run it needs instead of using the old plan.
+    module._drop_plan()
 
 
 class QuantizedWeightedModule(nn.Module):
@@ -42,8 +45,10 @@ class QuantizedWeightedModule(nn.Module):
     output), ``addend_scale`` (fused add only), and the derived ``multiplier``, ``shift``,
     ``offset``, ``addend_multiplier``, ``clamp_min``, ``clamp_max``. The float32 weight chunks and
     the float64 requantization factors of the fast path (docs/integer-arithmetic.md, section 7) are
-    derived from these buffers, rebuilt whenever one of them is replaced or changed in place, and
-    never saved.
+    derived from these buffers on the first forward (not at construction: that is most of
+    ``convert_fx``'s time), rebuilt whenever one of them is replaced or changed in place, and
+    never saved. Under ``torch.export`` (ONNX export) buffers are fake tensors, so the module must
+    have run once on a real input before (``hq_lightning.deploy.export_onnx`` does that).
     """
 
     _kind = "conv2d"
@@ -108,7 +113,7 @@ class QuantizedWeightedModule(nn.Module):
             "addend_scale", scale_tensor(addend_scale, "addend_scale") if self.has_addend else None
         )
         self._derive(s_acc)
-        self._build_plan()
+        self._drop_plan()
         self.register_load_state_dict_post_hook(_rebuild_plan_after_load)
 
     # -- construction helpers -------------------------------------------------------------
@@ -133,7 +138,6 @@ class QuantizedWeightedModule(nn.Module):
         module = cls(q_weight, None, w_scale, input_scale, output_scale, **kwargs)
         if bias is not None:
             module.bias = quantize_bias(bias.detach(), module.accumulator_scale())
-            module._build_plan()  # the float factors fold the bias in
         return module
 
     def _out_channels(self) -> int:
@@ -208,6 +212,8 @@ class QuantizedWeightedModule(nn.Module):
 
     def _plan_is_current(self) -> bool:
         built = self._plan_built_for
+        if built is None:
+            return False
         for old, new in zip(built, self._plan_key()):
             if (old is None) != (new is None):
                 return False
@@ -215,11 +221,52 @@ class QuantizedWeightedModule(nn.Module):
                 return False
         return True
 
+    def _drop_plan(self) -> None:
+        """Forget the derived state; the next forward (or ``_ensure_plan``) rebuilds it."""
+        self._derived_plan: ConvPlan | None = None
+        self._derived_float_requant = None
+        self._float_high_precision = False
+        self._plan_built_for: tuple | None = None
+
+    def _ensure_plan(self) -> None:
+        """Build the derived state if it is missing or stale (outside ``torch.export``)."""
+        if torch.compiler.is_exporting():
+            # buffers are fake tensors here: keep the plan built from the real ones
+            if self._derived_plan is None:
+                raise RuntimeError(
+                    f"Expected `{type(self).__name__}` to have run once on a real input before "
+                    "torch.export / ONNX export (it derives its exact-conv plan from its buffers "
+                    "on the first forward), but it never ran since it was built or loaded. Call "
+                    "`model(example_input)` first (hq_lightning.deploy.export_onnx does)."
+                )
+            return
+        if not self._plan_is_current():
+            self._rebuild_plan_untraced()
+
+    @property
+    def _plan(self) -> ConvPlan:
+        """The float32 weight chunks (built now if missing or stale)."""
+        self._ensure_plan()
+        return self._derived_plan
+
+    @property
+    def _float_requant(self):
+        """The float64 requantization factors, or None for the int64 path (built if needed)."""
+        self._ensure_plan()
+        return self._derived_float_requant
+
+    @_float_requant.setter
+    def _float_requant(self, factors) -> None:
+        # lets a benchmark force the int64 path: the plan is built first, so it is not undone
+        self._ensure_plan()
+        self._derived_float_requant = factors
+
     def _build_plan(self) -> None:
         act = torch_dtype(self.input_dtype)
-        self._plan = ConvPlan.build(self.weight.cpu(), self._kind, self.groups, act)
-        acc_min, acc_max = self._plan.accumulator_range(act)
-        self._float_requant = None
+        plan = ConvPlan.build(self.weight.cpu(), self._kind, self.groups, act)
+        acc_min, acc_max = plan.accumulator_range(act)
+        self._derived_plan = plan
+        self._derived_float_requant = None
         self._float_high_precision = False
         if self.high_precision:
             bias = 0 if self.bias is None else int(self.bias.abs().max())
@@ -237,7 +284,9 @@ class QuantizedWeightedModule(nn.Module):
                 None if self.addend_multiplier is None else self.addend_multiplier.cpu(),
                 torch_dtype(self.addend_dtype) if self.has_addend else None,
             )
-            self._float_requant = None if factors is None else factors.to(self.multiplier.device)
+            self._derived_float_requant = (
+                None if factors is None else factors.to(self.multiplier.device)
+            )
         self._out_min, self._out_max = int(self.clamp_min.min()), int(self.clamp_max.max())
         self._plan_built_for = self._plan_key()
 
@@ -256,13 +305,15 @@ class QuantizedWeightedModule(nn.Module):
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        for name in ("_plan", "_float_requant", "_plan_built_for"):
-            state.pop(name, None)  # derived; keep saved modules small
+        for name in ("_derived_plan", "_derived_float_requant", "_plan_built_for"):
+            state.pop(name, None)  # derived; keep saved modules (and deep copies) small
         return state
 
     def __setstate__(self, state: dict) -> None:
+        for name in ("_plan", "_float_requant"):  # saved before the plan became lazy
+            state.pop(name, None)
         self.__dict__.update(state)
-        self._build_plan()
+        self._drop_plan()  # rebuilt on the first forward
 
     # -- forward --------------------------------------------------------------------------
     def _op_kwargs(self) -> dict:
@@ -278,11 +329,8 @@ class QuantizedWeightedModule(nn.Module):
             )
         if addend is not None:
             check_int_input(addend, self.addend_dtype, "addend")
-        # under torch.export (ONNX export) buffers are swapped for fake tensors: keep the plan
-        # built from the real ones (rebuilding would read fake values and fail)
-        if not torch.compiler.is_exporting() and not self._plan_is_current():
-            self._rebuild_plan_untraced()
-        if self._float_requant is not None:
+        self._ensure_plan()
+        if self._derived_float_requant is not None:
             return self._forward_float_requant(x, addend)
         if self._float_high_precision:
             return self._forward_float_high_precision(x)
@@ -290,11 +338,11 @@ class QuantizedWeightedModule(nn.Module):
 
     def _forward_float_requant(self, x: Tensor, addend: Tensor | None) -> Tensor:
         # exact by the per-channel proof of float_requant_factors (docs section 7)
-        factors = self._float_requant
+        factors = self._derived_float_requant
         if factors.multiplier.device != x.device:
-            factors = self._float_requant = factors.to(x.device)
+            factors = self._derived_float_requant = factors.to(x.device)
         dtype = torch_dtype(self.output_dtype)
-        total = self._plan.accumulate_float(x, weight=self.weight, **self._op_kwargs())
+        total = self._derived_plan.accumulate_float(x, weight=self.weight, **self._op_kwargs())
         step = self._batch_step(total, addend)
         if step == 0:
             return requantize_float(
@@ -343,7 +391,7 @@ class QuantizedWeightedModule(nn.Module):
     def _forward_float_high_precision(self, x: Tensor) -> Tensor:
         # |sum| + |bias| <= 2^53: float64 holds acc exactly; clamping inside the int32 range at
         # [clamp_min, clamp_max] also performs the int32 saturation of section 4.
-        total = self._plan.accumulate_float(x, weight=self.weight, **self._op_kwargs())
+        total = self._derived_plan.accumulate_float(x, weight=self.weight, **self._op_kwargs())
         value = total if total.dtype == torch.float64 else total.to(torch.float64)
         ndim, axis = value.dim(), self._out_axis
         if self.bias is not None:
@@ -353,6 +401,7 @@ class QuantizedWeightedModule(nn.Module):
         return torch.clamp(value, lo, hi, out=value).to(torch.int32)
 
     def _forward_int64(self, x: Tensor, addend: Tensor | None) -> Tensor:
+        # `_plan` (not `_derived_plan`): this path is also called directly, by tests and benches
         acc = self._plan.accumulate(x, self.bias, weight=self.weight, **self._op_kwargs())
         ndim, axis = acc.dim(), self._out_axis
         lo = channel_view(self.clamp_min, axis, ndim)
