@@ -178,7 +178,8 @@ class SensitivityReport:
         else:
             lines.append(
                 f"Fallback: int16 is unavailable on march {self.march.value}; "
-                "`fallback_qconfig_dict(top_k)` keeps the worst layers float (qconfig None)."
+                "`fallback_qconfig_dict(top_k)` keeps the worst layers float (qconfig None), which "
+                "needs a DeQuantStub before and a QuantStub after each of them."
             )
         return "\n".join(lines)
 
@@ -263,8 +264,9 @@ class SensitivityReport:
             if not supports_int16(self.march):
                 warnings.warn(
                     f"int16 is unavailable on march {self.march.value!r}: the fallback keeps the most "
-                    "sensitive layers float (qconfig None). They then run outside the BPU and the "
-                    "deployed model is split around them; use march BAYES or newer for int16.",
+                    "sensitive layers float (qconfig None). They then run outside the BPU: insert a "
+                    "DeQuantStub before and a QuantStub after each of them (convert_fx refuses a float "
+                    "layer between the stubs), or use march BAYES or newer for int16.",
                     UserWarning,
                     stacklevel=3,
                 )
