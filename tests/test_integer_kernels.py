@@ -245,6 +245,24 @@ def test_int16_worst_case_saturates_the_int32_accumulator():
     assert acc.flatten().tolist() == [-32768 * 127 * 500, 32768 * 128 * 500]  # just inside int32
 
 
+@pytest.mark.parametrize("value", [32767, -32768, 127, -128])
+def test_adaptive_window_sums_stay_exact_at_extreme_values_and_odd_windows(value):
+    # float64 mean times count, rounded: exact while the error stays below 0.5; a 300x301
+    # window of int16 extremes (|S| ~ 2^31.5) and overlapping odd windows, plus alternating signs
+    dtype = torch.int16 if abs(value) > 128 else torch.int8
+    x = torch.full((1, 2, 300, 301), value, dtype=dtype)
+    x[0, 1, ::2] = -1 - value  # the other extreme on every second row
+    for size in [(1, 1), (7, 3), (299, 2)]:
+        sums, counts = adaptive_avg_pool_sums(x, size)
+        xs = x.long()
+        for i in sorted({0, size[0] // 2, size[0] - 1}):
+            for j in range(size[1]):
+                h0, h1 = (i * 300) // size[0], math.ceil((i + 1) * 300 / size[0])
+                w0, w1 = (j * 301) // size[1], math.ceil((j + 1) * 301 / size[1])
+                assert sums[0, :, i, j].tolist() == xs[0, :, h0:h1, w0:w1].sum((-1, -2)).tolist()
+                assert int(counts[i, j]) == (h1 - h0) * (w1 - w0)
+
+
 def test_window_sums_and_bilinear_taps():
     gen = torch.Generator().manual_seed(8)
     x = torch.randint(-32768, 32768, (2, 3, 5, 7), generator=gen).to(torch.int16)

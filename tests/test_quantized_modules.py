@@ -418,15 +418,7 @@ def test_pools_and_interpolate_match_reference():
         total = int(padded[idx[0], idx[1], 2 * i : 2 * i + 2, 2 * j : 2 * j + 2].sum())
         assert int(out[idx]) == ref_requant(total, m, n, "qint8")
     apool = QuantizedAdaptiveAvgPool2d((2, 4), input_scale=s_in, output_scale=s_out)
-    out = apool(x)
-    for idx in np.ndindex(*out.shape):
-        _, _, i, j = idx
-        h0, h1 = (i * 5) // 2, math.ceil((i + 1) * 5 / 2)
-        w0, w1 = (j * 6) // 4, math.ceil((j + 1) * 6 / 4)
-        (m,), n = ref_multipliers([s_in / ((h1 - h0) * (w1 - w0) * s_out)])
-        assert int(out[idx]) == ref_requant(
-            int(xs[idx[0], idx[1], h0:h1, w0:w1].sum()), m, n, "qint8"
-        )
+    assert apool(x).tolist() == _ref_adaptive_avg_pool(x, (2, 4), s_in, s_out)
     mp = QuantizedMaxPool2d(2)(x)
     assert (
         mp.dtype == torch.int16
@@ -450,6 +442,42 @@ def test_pools_and_interpolate_match_reference():
             (256 - lam) * int(p[j1, i0]) + lam * int(p[j1, i1])
         )
         assert int(out[idx]) == ref_requant(acc, m, n, "qint8")
+
+
+def _ref_adaptive_avg_pool(x, output_size, s_in, s_out):
+    xs = x.long().numpy()
+    (height, width), (out_h, out_w) = x.shape[-2:], output_size
+    out = np.zeros((*x.shape[:2], out_h, out_w), dtype=object)
+    for idx in np.ndindex(*out.shape):
+        _, _, i, j = idx
+        h0, h1 = (i * height) // out_h, math.ceil((i + 1) * height / out_h)
+        w0, w1 = (j * width) // out_w, math.ceil((j + 1) * width / out_w)
+        (m,), n = ref_multipliers([s_in / ((h1 - h0) * (w1 - w0) * s_out)])
+        out[idx] = ref_requant(int(xs[idx[0], idx[1], h0:h1, w0:w1].sum()), m, n, "qint8")
+    return out.tolist()
+
+
+def test_adaptive_avg_pool_caches_multipliers_per_input_size_and_follows_its_scales():
+    gen = torch.Generator().manual_seed(18)
+    s_in, s_out = float(np.float32(3e-3)), float(np.float32(2e-2))
+    pool = QuantizedAdaptiveAvgPool2d((2, 3), input_scale=s_in, output_scale=s_out)
+    small, large = _ints(gen, (2, 3, 5, 7), "qint8"), _ints(gen, (1, 3, 9, 4), "qint8")
+    for _ in range(2):  # the second round is served from the cache
+        assert pool(small).tolist() == _ref_adaptive_avg_pool(small, (2, 3), s_in, s_out)
+        assert pool(large).tolist() == _ref_adaptive_avg_pool(large, (2, 3), s_in, s_out)
+    assert len(pool._multipliers) == 2
+    s_new = float(np.float32(1e-3))
+    pool.input_scale.fill_(s_new)  # an in-place edit invalidates the cache
+    assert pool(small).tolist() == _ref_adaptive_avg_pool(small, (2, 3), s_new, s_out)
+    pool.output_scale = torch.tensor([s_in])  # so does a replaced buffer
+    assert pool(large).tolist() == _ref_adaptive_avg_pool(large, (2, 3), s_new, s_in)
+    traced = torch.jit.trace(copy.deepcopy(pool), small)  # computed in the trace, from buffers
+    traced.input_scale.fill_(s_in)
+    assert traced(small).tolist() == _ref_adaptive_avg_pool(small, (2, 3), s_in, s_in)
+    buffer = io.BytesIO()
+    torch.save(pool, buffer)
+    buffer.seek(0)
+    assert torch.equal(torch.load(buffer, weights_only=False)(large), pool(large))
 
 
 def test_state_dict_save_load_and_trace_round_trip():

@@ -312,7 +312,7 @@ class QuantizedWeightedModule(nn.Module):
     def __setstate__(self, state: dict) -> None:
         for name in ("_plan", "_float_requant"):  # saved before the plan became lazy
             state.pop(name, None)
-        self.__dict__.update(state)
+        super().__setstate__(state)
         self._drop_plan()  # rebuilt on the first forward
 
     # -- forward --------------------------------------------------------------------------

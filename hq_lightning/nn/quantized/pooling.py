@@ -73,7 +73,12 @@ class QuantizedAvgPool2d(nn.Module):
 
 
 class QuantizedAdaptiveAvgPool2d(nn.Module):
-    """torch's adaptive windows; per output position ``M_ij = s_in / (count_ij * s_out)``."""
+    """torch's adaptive windows; per output position ``M_ij = s_in / (count_ij * s_out)``.
+
+    The multipliers depend on the input's spatial size, so they are cached per ``(H, W, device)``
+    and recomputed when ``input_scale`` or ``output_scale`` is replaced or changed in place (under
+    tracing or export they are computed in the graph, from the buffers, as before).
+    """
 
     def __init__(
         self,
@@ -88,11 +93,43 @@ class QuantizedAdaptiveAvgPool2d(nn.Module):
         self.output_dtype = activation_dtype(output_dtype, "output_dtype")
         self.register_buffer("input_scale", scale_tensor(input_scale, "input_scale"))
         self.register_buffer("output_scale", scale_tensor(output_scale, "output_scale"))
+        self._multipliers: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self._multipliers_for: tuple = ()
+
+    def _multiplier_shift(self, counts: Tensor) -> tuple[Tensor, Tensor]:
+        real = self.input_scale.double() / (counts.double() * self.output_scale.double())
+        return quantize_multiplier(real)
+
+    def _cached_multiplier_shift(self, x: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return self._multiplier_shift(counts)  # recorded from the buffers, never a stale constant
+        # the scale tensors themselves (held, so a freed buffer's id cannot be reused) and their
+        # in-place versions
+        scales = tuple((t, t._version) for t in (self.input_scale, self.output_scale))
+        if len(scales) != len(self._multipliers_for) or any(
+            new[0] is not old[0] or new[1] != old[1]
+            for new, old in zip(scales, self._multipliers_for)
+        ):
+            self._multipliers, self._multipliers_for = {}, scales
+        key = (x.shape[-2], x.shape[-1], x.device)
+        cached = self._multipliers.get(key)
+        if cached is None:
+            cached = self._multipliers[key] = self._multiplier_shift(counts)
+        return cached
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_multipliers"], state["_multipliers_for"] = {}, ()  # derived, never saved
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state.setdefault("_multipliers", {})
+        state.setdefault("_multipliers_for", ())
+        super().__setstate__(state)
 
     def forward(self, x: Tensor) -> Tensor:
         sums, counts = adaptive_avg_pool_sums(x, self.output_size)
-        real = self.input_scale.double() / (counts.double() * self.output_scale.double())
-        m, n = quantize_multiplier(real)
+        m, n = self._cached_multiplier_shift(x, counts)
         lo, hi = bounds(self.output_dtype)
         out = rounding_right_shift(sums * m, n)
         return out.clamp(lo, hi).to(torch_dtype(self.output_dtype))
