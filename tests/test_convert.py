@@ -40,6 +40,7 @@ from tests.reference.integer_ref import (
     ref_dequantize,
     ref_multipliers,
     ref_quantize,
+    ref_relu6,
     ref_requant,
 )
 
@@ -405,20 +406,62 @@ def test_uncalibrated_observers_are_all_listed():
         assert path in message
 
 
-class Relu6Net(nn.Module):
+class MaxPool1dNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.quant, self.dequant = QuantStub(), DeQuantStub()
 
     def forward(self, x):
-        return self.dequant(F.relu6(self.quant(x)))
+        return self.dequant(F.max_pool1d(self.quant(x), 2))
 
 
 def test_op_without_integer_kernel_is_a_clear_error():
-    prepared = prepare_qat_fx(Relu6Net(), {"": QC})
-    _calibrate(prepared, torch.randn(2, 4))
-    with pytest.raises(RuntimeError, match="Expected .* integer kernel.*ReLU6"):
+    prepared = prepare_qat_fx(MaxPool1dNet(), {"": QC})
+    _calibrate(prepared, torch.randn(2, 3, 4))
+    with pytest.raises(RuntimeError, match="Expected .* integer kernel.*1-d max pool"):
         convert_fx(prepared)
+
+
+class Relu6AfterAddNet(nn.Module):
+    """Standalone ReLU6 on integer tensors: after an unfused add (functional) and a mul (module)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant, self.dequant = QuantStub(), DeQuantStub()
+        self.conv_a, self.conv_b = nn.Conv2d(2, 3, 1), nn.Conv2d(2, 3, 1)
+        self.relu6 = nn.ReLU6()
+
+    def forward(self, x):
+        x = self.quant(x)
+        a, b = self.conv_a(x), self.conv_b(x)
+        return self.dequant(torch.cat([F.relu6(a + b), self.relu6(a * b)], 1))
+
+
+def test_standalone_relu6_converts_to_an_integer_clamp_at_the_integer_for_six():
+    torch.manual_seed(10)
+    prepared = prepare_qat_fx(Relu6AfterAddNet(), {"": QC})
+    x = torch.randn(8, 2, 4, 4) * 10  # a + b and a * b range well beyond 6
+    _calibrate(prepared, x)
+    converted = convert_fx(prepared)
+    relu6_modules = [m for m in converted.modules() if isinstance(m, nnq.QuantizedReLU6)]
+    assert len(relu6_modules) == 2 and isinstance(converted.relu6, nnq.QuantizedReLU6)
+    add = prepared._generated_add_0.activation_post_process
+    mul = prepared._generated_mul_0.activation_post_process
+    scales = sorted(float(m.scale) for m in relu6_modules)
+    assert scales == sorted([float(add.scale), float(mul.scale)])
+    # bit for bit against the reference on every int8 code
+    codes = torch.arange(-128, 128, dtype=torch.int8)
+    for module in relu6_modules:
+        expect = ref_relu6(codes.numpy(), float(module.scale), "qint8")
+        assert module(codes).tolist() == expect.tolist()
+        assert int(module(codes).max()) == round(6.0 / float(module.scale)) < 127
+    # end to end against the fake-quant model: within one output step, clamped where it matters
+    with torch.no_grad():
+        got, fake = converted(x), prepared(x)
+    step = torch.tensor([float(add.scale)] * 3 + [float(mul.scale)] * 3).view(1, 6, 1, 1)
+    assert (fake > 5.5).any() and float(got.max()) <= 6.0 + step.max() / 2
+    assert ((got - fake).abs() <= step / 2 + 1e-6).float().mean() >= 0.99
+    assert ((got - fake).abs() <= step + 1e-6).all()
 
 
 class SharedAddNet(nn.Module):

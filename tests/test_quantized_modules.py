@@ -23,6 +23,7 @@ from hq_lightning.nn.quantized import (
     QuantizedInterpolate,
     QuantizedLinear,
     QuantizedMaxPool2d,
+    QuantizedReLU6,
 )
 from tests.reference.integer_ref import (
     ref_conv2d,
@@ -31,6 +32,7 @@ from tests.reference.integer_ref import (
     ref_dequantize,
     ref_multipliers,
     ref_quantize,
+    ref_relu6,
     ref_requant,
 )
 
@@ -617,3 +619,28 @@ def test_export_of_a_never_run_module_asks_for_a_real_run_first():
     conv(x, y)  # what hq_lightning.deploy.export_onnx does before exporting
     exported = torch.export.export(conv, (x, y))
     assert torch.equal(exported.module()(x, y), conv._forward_int64(x, y))
+
+
+@pytest.mark.parametrize("dtype", ["qint8", "qint16"])
+def test_standalone_relu6_matches_reference_and_the_fused_bound(dtype):
+    gen = torch.Generator().manual_seed(19)
+    # scales with 6/s below, near and above qmax, and one whose 6 * fp32(1/s) sits on a tie
+    for scale in [0.1, 6 / 127.4, 6 / 126.5, 0.02, 1e-4, 0.75, 0.0234375]:
+        relu6 = QuantizedReLU6(scale, dtype)
+        x = _ints(gen, (3, 50), dtype)
+        expect = ref_relu6(x.numpy(), float(np.float32(scale)), dtype)
+        out = relu6(x)
+        assert out.dtype == TORCH[dtype] and out.tolist() == expect.tolist()
+        # the same bound as a Conv/Linear with a fused ReLU6 and this output scale
+        fused = QuantizedLinear.from_float_params(
+            torch.ones(1, 1), None, 1.0, 1.0, scale, output_dtype=dtype, activation="relu6"
+        )
+        q6 = int(ref_relu6(np.array([2**20]), float(np.float32(scale)), dtype)[0])
+        assert int(fused.clamp_max) == q6
+    relu6 = QuantizedReLU6(0.1)
+    codes = torch.arange(-128, 128, dtype=torch.int8)
+    traced = torch.jit.trace(relu6, codes)
+    relu6.scale.fill_(0.5)  # the bound follows the buffer, also in the trace
+    assert int(relu6(codes).max()) == 12 and int(traced(codes).max()) == 12
+    with pytest.raises(TypeError, match="Expected `input` to be a torch.int8"):
+        relu6(codes.float())

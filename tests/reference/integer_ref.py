@@ -162,3 +162,10 @@ def ref_conv_output(acc, bias, s_in, s_w, s_out, out_dtype, activation=None, add
                 v += int(addend[idx]) * ms[1]
             out[idx] = max(lo, min(hi, rshift_round(v, n)))
     return out
+
+
+def ref_relu6(q: np.ndarray, scale: float, dtype: str) -> np.ndarray:
+    """Standalone ReLU6 on integers at scale ``s``: clamp to ``[0, q6]``, ``q6`` = fake quant of 6.0."""
+    six = round(Fraction(float(np.float32(np.float32(6.0) * (np.float32(1.0) / f32(scale))))))
+    top = sat(six, dtype)
+    return np.vectorize(lambda v: max(0, min(top, int(v))), otypes=[np.int64])(q)

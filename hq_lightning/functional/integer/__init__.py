@@ -4,6 +4,7 @@ Every kernel is exact: integer results equal the slow reference in ``tests/refer
 """
 
 from hq_lightning.functional.integer.accumulate import EXACT_FLOAT32_BOUND, ConvPlan, chunk_channels
+from hq_lightning.functional.integer.activation import relu6, relu6_upper_bound
 from hq_lightning.functional.integer.float_requant import (
     EXACT_FLOAT64_BOUND,
     FloatRequantFactors,
@@ -62,6 +63,8 @@ __all__ = [
     "quantize_bias",
     "quantize_multiplier",
     "quantize_multipliers",
+    "relu6",
+    "relu6_upper_bound",
     "requantize",
     "requantize_float",
     "rounding_offset",

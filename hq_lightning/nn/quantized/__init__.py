@@ -1,6 +1,7 @@
 """hq_lightning.nn.quantized: ``FloatFunctional`` (float operators as modules) and the integer
 modules convert produces (docs/integer-arithmetic.md)."""
 
+from hq_lightning.nn.quantized.activation import QuantizedReLU6
 from hq_lightning.nn.quantized.conv import (
     QuantizedConv1d,
     QuantizedConv2d,
@@ -32,4 +33,5 @@ __all__ = [
     "QuantizedInterpolate",
     "QuantizedLinear",
     "QuantizedMaxPool2d",
+    "QuantizedReLU6",
 ]

@@ -16,6 +16,7 @@ from hq_lightning.functional.integer import (
     quantize,
     quantize_bias,
     quantize_multipliers,
+    relu6_upper_bound,
     requantize_float,
     rounding_offset,
 )
@@ -189,8 +190,7 @@ class QuantizedWeightedModule(nn.Module):
             lo = 0
         hi_t = torch.tensor([hi], dtype=torch.int64)
         if self.activation == "relu6":
-            six = torch.round(torch.tensor([6.0]) * torch.reciprocal(self.output_scale))
-            hi_t = six.clamp(max=hi).to(torch.int64)
+            hi_t = relu6_upper_bound(self.output_scale, self.output_dtype)
         self.register_buffer("clamp_min", torch.tensor([lo], dtype=torch.int64))
         self.register_buffer("clamp_max", hi_t)
 

@@ -13,7 +13,8 @@ weights are quantized with the weight fake quant's scale by the integer modules'
   (ReLU, MaxPool, Identity, Dropout, Flatten...) run on integer tensors as they are.
 - :data:`FLOAT_FUNCTIONAL_BUILDERS`: ``FloatFunctional`` method -> builder.
 - :data:`FUNCTION_BUILDERS`: scale-preserving functions that need an integer module
-  (``F.relu6`` must clamp at the integer that stands for 6.0).
+  (``F.relu6`` must clamp at the integer that stands for 6.0, not at the integer 6). ReLU
+  (module, ``F.relu``, ``torch.relu``, ``.relu()``) runs on integer tensors as it is.
 
 Example:
     >>> import torch
@@ -278,6 +279,14 @@ def build_max_pool2d(ctx: ConvertContext) -> nn.Module:
     return nnq.QuantizedMaxPool2d(m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
 
 
+def build_relu6(ctx: ConvertContext) -> nn.Module:
+    """Standalone ``nn.ReLU6`` / ``F.relu6`` on an integer tensor ->
+    :class:`~hq_lightning.nn.quantized.QuantizedReLU6`: clamps at the integer standing for 6.0 at the
+    input's scale (the rule of a fused ReLU6), not at the integer 6."""
+    x = _per_tensor(ctx, ctx.input, "input")
+    return nnq.QuantizedReLU6(x.scale, x.dtype)
+
+
 def build_functional(ctx: ConvertContext) -> nn.Module:
     """``FloatFunctional`` op -> :class:`~hq_lightning.nn.quantized.QFunctional` with static scales.
 
@@ -295,10 +304,8 @@ def unsupported_on_integers(ctx: ConvertContext) -> nn.Module:
     what = type(ctx.module).__name__ if ctx.module is not None else ctx.node.target
     raise RuntimeError(
         f"Expected `{ctx.path}` ({getattr(what, '__name__', what)}) to have an integer kernel, but "
-        "it has none: a standalone ReLU6 would clamp at the integer 6 instead of 6.0 / scale, and "
-        "torch has no integer adaptive max pool / 1-d max pool. Fuse ReLU6 into the preceding "
-        "Conv/Linear (conv -> bn -> relu6 is fused by prepare_qat_fx) or move the op outside the "
-        "QuantStub/DeQuantStub region."
+        "it has none: torch has no integer adaptive max pool / 1-d max pool. Move the op outside "
+        "the QuantStub/DeQuantStub region (a DeQuantStub before it)."
     )
 
 
@@ -321,7 +328,7 @@ QAT_MODULE_BUILDERS: dict[type[nn.Module], Builder] = {
 SCALE_PRESERVING_MODULE_BUILDERS: dict[type[nn.Module], Builder] = {
     nn.MaxPool2d: build_max_pool2d,
     nn.Upsample: build_nearest_upsample,
-    nn.ReLU6: unsupported_on_integers,
+    nn.ReLU6: build_relu6,
     nn.MaxPool1d: unsupported_on_integers,
     nn.AdaptiveMaxPool2d: unsupported_on_integers,
 }
@@ -336,7 +343,7 @@ FLOAT_FUNCTIONAL_BUILDERS: dict[str, Builder] = {
 
 #: Scale-preserving functions replaced on integer tensors (the others run as they are).
 FUNCTION_BUILDERS: dict[Any, Builder] = {
-    F.relu6: unsupported_on_integers,
+    F.relu6: build_relu6,
     F.max_pool1d: unsupported_on_integers,
     F.adaptive_max_pool2d: unsupported_on_integers,
 }
