@@ -7,16 +7,15 @@ are already 60-70 % off the float ones for MobileNetV2), so they would measure t
 the conversion.
 
 Targets: >= 99 % of output elements within one output step and >= 99.5 % arg-max agreement.
-With the float bias of QAT they are missed (ResNet-18 at the edge, MobileNetV2 clearly); they
-(nearly) hold once the fake-quant model adds the same int32-grid bias as the chip. Where the converted model is not bit-identical to the fake-quant one, the cause is the bias:
-the fake-quant model adds the float bias, the integer model the int32 bias rounded to
-``s_in * s_w`` (docs/integer-arithmetic.md, section 2). On depthwise layers ``s_in * s_w`` is close
-to an output step, so that rounding alone moves about 0.5 % of their outputs by one step, and
-MobileNetV2's depth amplifies it. The tests pin this down: with the bias put on the accumulator
-grid in the fake-quant model, every layer matches exactly except for the fake-quant model's own
-float32 round-off (about 1e-5 of the elements), and the whole models agree within the targets or
-close to them (MobileNetV2 98.4-99.9 % within one step: even those rare differences grow with
-depth).
+With the float bias (``prepare_qat_fx(..., bias_fake_quant=False)``) they are missed (ResNet-18 at
+the edge, MobileNetV2 clearly): the fake-quant model adds the float bias, the integer model the
+int32 bias rounded to ``s_in * s_w`` (docs/integer-arithmetic.md, section 2), and on depthwise
+layers ``s_in * s_w`` is close to an output step, so that rounding alone moves about 0.5 % of their
+outputs by one step, which MobileNetV2's depth amplifies. By default VALIDATION fake-quantizes the
+bias on that grid (``bias_fake_quant=None``); then every layer matches exactly except for the
+fake-quant model's own float32 round-off (about 1e-5 of the elements), ResNet-18 meets both
+targets and MobileNetV2 the arg-max target, while its depth still amplifies those rare one-step
+differences to about 1.6 % of the outputs beyond one step (bench/results/convert.md).
 """
 
 from __future__ import annotations
@@ -29,7 +28,6 @@ from torch import nn
 
 from hq_lightning.nn import qat
 from hq_lightning.quantization import FakeQuantState, convert_fx, prepare_qat_fx, set_fake_quantize
-from hq_lightning.quantization.fx.convert import propagate_qparams
 from hq_lightning.quantization.qconfig import default_calib_8bit_fake_quant_qconfig
 from tests.models import mobilenet_v2, resnet18
 
@@ -84,16 +82,10 @@ def _agreement(prepared: nn.Module, converted: nn.Module, x: torch.Tensor) -> tu
     return within_one_step, argmax
 
 
-def _bias_on_accumulator_grid(prepared: nn.Module) -> None:
-    # what the chip adds: the bias rounded to s_in * s_w (done here to the fake-quant model)
-    env = propagate_qparams(prepared)
-    modules = dict(prepared.named_modules())
-    for node in prepared.graph.nodes:
-        module = modules.get(node.target) if node.op == "call_module" else None
-        if isinstance(module, qat.FusedWeightedMixin) and module.bias is not None:
-            s_acc = env[node.args[0]].scale.double() * module.weight_fake_quant.scale.double()
-            with torch.no_grad():
-                module.bias.copy_(torch.round(module.bias.double() / s_acc) * s_acc)
+def _set_bias_fake_quant(prepared: nn.Module, value: bool | None) -> None:
+    for module in prepared.modules():
+        if isinstance(module, qat.FusedWeightedMixin):
+            module.bias_fake_quant = value
 
 
 def _layers_match_in_isolation(
@@ -133,25 +125,32 @@ def test_converted_model_follows_the_fake_quant_model(digits, arch):
     float_model = _train(model, x_train, y_train, epochs)
     prepared = _calibrated(float_model, x_train)
     converted = convert_fx(prepared)
+
+    # the float bias of QAT (bias_fake_quant=False): one step off on ~0.5 % of depthwise outputs
+    _set_bias_fake_quant(prepared, False)
     _layers_match_in_isolation(prepared, converted, x_test[:64])
     within, argmax = _agreement(prepared, converted, x_test)
-    print(f"{arch}: within one step {within:.4f}, arg-max agreement {argmax:.4f}")
-    # measured (float bias, see the module docstring): ResNet-18 98.8-99.9 % within one step and
-    # 99.4-99.8 % arg-max; MobileNetV2 88-90 % and 97-98 %
+    print(f"{arch} float bias: within one step {within:.4f}, arg-max agreement {argmax:.4f}")
+    # measured: ResNet-18 98.8-99.9 % within one step and 99.4-99.8 % arg-max; MobileNetV2 88-91 %
+    # and 97-98.6 % (bench/results/convert.md)
     floor_within, floor_argmax = (0.97, 0.98) if arch == "resnet18" else (0.8, 0.95)
     assert within >= floor_within and argmax >= floor_argmax
-    with torch.no_grad():
-        accuracy = (converted(x_test).argmax(1) == y_test).float().mean().item()
-        float_accuracy = (float_model(x_test).argmax(1) == y_test).float().mean().item()
-    assert accuracy >= float_accuracy - 0.03
 
-    # with the bias on the int32 grid in the fake-quant model too, every layer agrees exactly but
-    # for float32 round-off of the fake-quant conv (~1e-5 of the elements), and the whole models
-    # agree far better (measured: 99.9-100 % / 100 % for ResNet-18, 98.4-99.9 % / 99.6-100 % for
-    # MobileNetV2, whose depth still amplifies those rare one-step differences)
-    _bias_on_accumulator_grid(prepared)
-    converted = convert_fx(prepared)
+    # the default: VALIDATION adds the bias on the int32 grid s_in * s_w, like the chip. Every
+    # layer then matches exactly but for float32 round-off (~1e-5 of the elements: exact values
+    # within an fp32 ulp of a rounding boundary, repeated over the digits' constant background)
+    _set_bias_fake_quant(prepared, None)
     _layers_match_in_isolation(prepared, converted, x_test[:64], min_exact=0.999)
     within_grid, argmax_grid = _agreement(prepared, converted, x_test)
-    print(f"{arch} with the bias on the int32 grid: within one step {within_grid:.4f}, arg-max {argmax_grid:.4f}")
-    assert within_grid >= max(within, 0.98) and argmax_grid >= 0.99
+    print(f"{arch} bias on the int32 grid: within one step {within_grid:.4f}, arg-max {argmax_grid:.4f}")
+    # measured: ResNet-18 100 % / 100 %; MobileNetV2 98.4 % / 99.6 %: its 52 layers amplify those
+    # rare one-step differences (1e-5 after the first layer, 5 % of the last features)
+    assert argmax_grid >= 0.995 and within_grid >= (0.99 if arch == "resnet18" else 0.98)
+    assert within_grid >= within
+
+    with torch.no_grad():
+        accuracy = (converted(x_test).argmax(1) == y_test).float().mean().item()
+        fake_accuracy = (prepared(x_test).argmax(1) == y_test).float().mean().item()
+        float_accuracy = (float_model(x_test).argmax(1) == y_test).float().mean().item()
+    print(f"{arch} accuracy: float {float_accuracy:.4f}, VALIDATION {fake_accuracy:.4f}, converted {accuracy:.4f}")
+    assert accuracy >= float_accuracy - 0.03
