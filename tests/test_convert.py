@@ -557,17 +557,17 @@ class TwoStageNet(nn.Module):
 
 
 def test_quant_stub_at_a_split_point_requantizes_integers_and_quantizes_floats():
-    from hq_lightning.quantization.fx.convert_mapping import SegmentQuantize
-
     torch.manual_seed(8)
     prepared = prepare_qat_fx(TwoStageNet(), {"": QC})
     x = torch.randn(4, 2, 3, 3)
     _calibrate(prepared, x)
     converted = convert_fx(prepared)
     stub = converted.quant2
-    assert isinstance(stub, SegmentQuantize)
-    assert torch.equal(stub.scale, prepared.quant2.activation_post_process.scale)
     conv1, conv2 = _qat_modules_in_order(prepared, qat.Conv2d)
+    assert type(stub) is nnq.Quantize and type(converted.quant) is nnq.Quantize
+    assert converted.quant.input_scale is None  # the model's input stub takes float only
+    assert torch.equal(stub.scale, prepared.quant2.activation_post_process.scale)
+    assert torch.equal(stub.input_scale, conv1.activation_post_process.scale)
     s_in = float(conv1.activation_post_process.scale)
     s_out = float(stub.scale)
     codes = torch.arange(-128, 128, dtype=torch.int8).reshape(1, 1, 16, 16)
@@ -577,6 +577,8 @@ def test_quant_stub_at_a_split_point_requantizes_integers_and_quantizes_floats()
     # stage 2 traced on its own gets float input: quantized with the stored scale
     floats = torch.randn(1, 3, 2, 2)
     assert torch.equal(stub(floats), nnq.Quantize(stub.scale, "qint8")(floats))
+    with pytest.raises(TypeError, match="Expected `x` to be a float tensor"):
+        converted.quant(codes)
     s_final = conv2.activation_post_process.scale
     assert ((converted(x) - prepared(x)).abs() <= s_final + 1e-6).float().mean() >= 0.99
 

@@ -644,3 +644,19 @@ def test_standalone_relu6_matches_reference_and_the_fused_bound(dtype):
     assert int(relu6(codes).max()) == 12 and int(traced(codes).max()) == 12
     with pytest.raises(TypeError, match="Expected `input` to be a torch.int8"):
         relu6(codes.float())
+
+
+def test_quantize_with_input_scale_requantizes_integer_input_like_a_one_input_cat():
+    gen = torch.Generator().manual_seed(20)
+    s_in, s_out = float(np.float32(3e-4)), float(np.float32(7e-3))
+    stub = Quantize(s_out, "qint16", input_scale=s_in)
+    x = _ints(gen, (4, 40), "qint16")
+    (m,), n = ref_multipliers([s_in / s_out])
+    assert stub(x).tolist() == [[ref_requant(int(v), m, n, "qint16") for v in row] for row in x]
+    assert torch.equal(stub(x), QFunctional([s_in], s_out, "qint16").cat([x], 0))
+    floats = torch.randn(5)
+    assert torch.equal(stub(floats), Quantize(s_out, "qint16")(floats))
+    assert set(stub.state_dict()) == {"scale", "input_scale"}
+    assert set(Quantize(s_out).state_dict()) == {"scale"}  # unchanged for an input stub
+    stub.input_scale.fill_(s_out)  # M = 1: the integers pass unchanged
+    assert torch.equal(stub(x), x)

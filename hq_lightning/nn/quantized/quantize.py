@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from hq_lightning.dtype import QuantDType
-from hq_lightning.functional.integer import dequantize, quantize
-from hq_lightning.nn.quantized._common import activation_dtype, scale_tensor
+from hq_lightning.dtype import QuantDType, torch_dtype
+from hq_lightning.functional.integer import dequantize, quantize, quantize_multiplier, requantize
+from hq_lightning.nn.quantized._common import activation_dtype, bounds, scale_tensor
 
 __all__ = ["Quantize", "DeQuantize"]
 
@@ -14,10 +14,17 @@ __all__ = ["Quantize", "DeQuantize"]
 class Quantize(nn.Module):
     """Float input -> integer: ``clamp(round_half_even(x * fp32(1/scale)), qmin, qmax)``.
 
+    A stub at a segment boundary (a QuantStub fed by an integer tensor of the whole model, float
+    input once its stage is split off) is built with ``input_scale``: integer input is then
+    requantized, ``sat(RHU_n(x * m))`` with ``M = input_scale / scale`` (the rule of a one-input
+    ``cat``, docs/integer-arithmetic.md section 6), and float input is quantized as above.
+
     Args:
         scale: the stub's scale (float or one-element tensor), stored in the ``scale`` buffer;
             changing it in place (``traced.quant.scale.fill_(1.0)``) changes later calls.
         dtype: ``"qint8"`` or ``"qint16"``.
+        input_scale: the scale of an integer input (``input_scale`` buffer), or None (default)
+            for a stub that only takes float input.
 
     Example:
         >>> import torch
@@ -27,18 +34,44 @@ class Quantize(nn.Module):
         >>> _ = quant.scale.fill_(1.0)
         >>> quant(torch.tensor([1.0, -0.75, 100.0])).tolist()
         [1, -1, 100]
+        >>> boundary = Quantize(0.5, "qint8", input_scale=0.25)
+        >>> boundary(torch.tensor([5, -6, 127], dtype=torch.int8)).tolist()  # 2.5 -> 3 (half up)
+        [3, -3, 64]
     """
 
-    def __init__(self, scale: Tensor | float, dtype: QuantDType | str = "qint8") -> None:
+    def __init__(
+        self,
+        scale: Tensor | float,
+        dtype: QuantDType | str = "qint8",
+        *,
+        input_scale: Tensor | float | None = None,
+    ) -> None:
         super().__init__()
         self.dtype = activation_dtype(dtype, "dtype")
         self.register_buffer("scale", scale_tensor(scale, "scale"))
+        self.register_buffer(
+            "input_scale", None if input_scale is None else scale_tensor(input_scale, "input_scale")
+        )
 
     def forward(self, x: Tensor) -> Tensor:
-        return quantize(x, self.scale, self.dtype)
+        if x.is_floating_point():
+            return quantize(x, self.scale, self.dtype)
+        if self.input_scale is None:
+            raise TypeError(
+                f"Expected `x` to be a float tensor, but got {x.dtype}: this Quantize has no "
+                "`input_scale` to requantize integer input with (convert_fx sets it for a "
+                "QuantStub fed by an integer tensor)."
+            )
+        # derived from the buffers on every call, so editing them (or a trace) stays consistent
+        m, n = quantize_multiplier(self.input_scale.double() / self.scale.double())
+        lo, hi = bounds(self.dtype)
+        return requantize(x, m, n, lo, hi, torch_dtype(self.dtype))
 
     def extra_repr(self) -> str:
-        return f"scale={self.scale.tolist()}, dtype={self.dtype.value}"
+        text = f"scale={self.scale.tolist()}, dtype={self.dtype.value}"
+        if self.input_scale is not None:
+            text += f", input_scale={self.input_scale.tolist()}"
+        return text
 
 
 class DeQuantize(nn.Module):

@@ -55,7 +55,6 @@ __all__ = [
     "SCALE_PRESERVING_FUNCTIONS",
     "SCALE_PRESERVING_METHODS",
     "SCALE_PRESERVING_MODULE_BUILDERS",
-    "SegmentQuantize",
     "is_dequant",
     "is_float_functional",
     "is_quant",
@@ -108,43 +107,18 @@ def _activation_name(module: nn.Module) -> str | None:
 # --------------------------------------------------------------------------- builders
 
 
-class SegmentQuantize(nn.Module):
-    """A QuantStub inside the quantized region (a segment boundary): quantize or requantize.
-
-    In the whole converted model its input is the integer output of the previous segment, which
-    is requantized from ``input_scale`` to ``scale`` (by a one-input ``QFunctional``, the rule of
-    ``cat``); a segment split off and traced on its own feeds it float input, which is quantized
-    with ``scale`` like any input stub.
-
-    Attributes:
-        scale: the stub's scale buffer (shared with ``quantize``).
-    """
-
-    def __init__(self, input_qparams: QParams, scale: torch.Tensor, dtype: QuantDType) -> None:
-        super().__init__()
-        self.quantize = nnq.Quantize(scale, dtype)
-        self.requantize = nnq.QFunctional(input_qparams.scale, scale, dtype)
-
-    @property
-    def scale(self) -> torch.Tensor:
-        return self.quantize.scale
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_floating_point():
-            return self.quantize(x)
-        return self.requantize.cat([x], 0)
-
-
 def build_quantize(ctx: ConvertContext) -> nn.Module:
-    """``QuantStub`` -> :class:`~hq_lightning.nn.quantized.Quantize` (its ``scale`` is a buffer),
-    or :class:`SegmentQuantize` for a stub fed by an integer tensor."""
+    """``QuantStub`` -> :class:`~hq_lightning.nn.quantized.Quantize` (its ``scale`` is a buffer).
+
+    A stub fed by an integer tensor (a segment boundary) gets that tensor's scale as
+    ``input_scale``: in the whole model it requantizes, in a stage split off at it (float input)
+    it quantizes.
+    """
     from hq_lightning.quantization.fx.convert import QParams
 
     quantized = [q for q in ctx.inputs if isinstance(q, QParams)]
-    if quantized:
-        x = _per_tensor(ctx, quantized[0], "input")
-        return SegmentQuantize(x, ctx.output.scale, ctx.output.dtype)
-    return nnq.Quantize(ctx.output.scale, ctx.output.dtype)
+    input_scale = _per_tensor(ctx, quantized[0], "input").scale if quantized else None
+    return nnq.Quantize(ctx.output.scale, ctx.output.dtype, input_scale=input_scale)
 
 
 def build_dequantize(ctx: ConvertContext) -> nn.Module:
