@@ -482,19 +482,24 @@ def test_adaptive_avg_pool_caches_multipliers_per_input_size_and_follows_its_sca
     assert torch.equal(torch.load(buffer, weights_only=False)(large), pool(large))
 
 
-def test_state_dict_save_load_and_trace_round_trip():
-    gen = torch.Generator().manual_seed(6)
-    w = torch.randn(64, 64, 3, 3, generator=gen)
-    conv = QuantizedConv2d.from_float_params(
-        w,
-        torch.randn(64, generator=gen),
-        torch.rand(64, generator=gen) * 0.01 + 1e-3,
-        0.02,
-        0.04,
+def _fused_conv(gen, channels=(6, 4), scales=(0.05, 0.1, 0.2), bias_shift=0.0):
+    """A random 3x3 Conv + add + ReLU6 layer: ``channels`` (out, in), ``scales`` (in, out, addend)."""
+    out_channels, in_channels = channels
+    return QuantizedConv2d.from_float_params(
+        torch.randn(out_channels, in_channels, 3, 3, generator=gen),
+        torch.randn(out_channels, generator=gen) + bias_shift,
+        torch.rand(out_channels, generator=gen) * 0.01 + 1e-3,
+        scales[0],
+        scales[1],
         padding=1,
-        addend_scale=0.1,
+        addend_scale=scales[2],
         activation="relu6",
     )
+
+
+def test_state_dict_save_load_and_trace_round_trip():
+    gen = torch.Generator().manual_seed(6)
+    conv = _fused_conv(gen, (64, 64), (0.02, 0.04, 0.1))
     x = _ints(gen, (1, 64, 5, 5), "qint8")
     y = _ints(gen, (1, 64, 5, 5), "qint8")
     expect = conv(x, y)
@@ -567,19 +572,6 @@ def test_trace_of_a_sliced_module_generalizes_to_other_batch_sizes():
     x7, y7 = _ints(gen, (7, 3, 5, 5), "qint8"), _ints(gen, (7, 6, 5, 5), "qint8")
     assert torch.equal(traced(x7, y7), conv(x7, y7))
     assert torch.equal(conv(x7, y7), conv._forward_int64(x7, y7))
-
-
-def _fused_conv(gen, bias_shift=0.0):
-    return QuantizedConv2d.from_float_params(
-        torch.randn(6, 4, 3, 3, generator=gen),
-        torch.randn(6, generator=gen) + bias_shift,
-        torch.rand(6, generator=gen) * 0.01 + 1e-3,
-        0.05,
-        0.1,
-        padding=1,
-        addend_scale=0.2,
-        activation="relu6",
-    )
 
 
 def test_plan_is_derived_on_the_first_forward_not_at_construction():
