@@ -462,3 +462,49 @@ def test_double_backward_through_the_ste():
         assert grad.requires_grad
         mask = _expected_mask(w, torch.tensor([0.01]), "qint8", (1,)).float()
         assert torch.equal(grad.detach(), 2 * y.detach() * mask)
+
+
+@pytest.mark.parametrize("dtype", ["qint8", "qint16"])
+@pytest.mark.parametrize("ch_axis", [None, 0])
+def test_product_of_leaf_and_constant_recomputes_its_mask(dtype, ch_axis):
+    """``weight * factor`` (with_bn's folded weight) keeps the leaf and the factor, no mask; its
+    outputs and gradients equal the saved-mask path's bit for bit."""
+    qmin, qmax = QRANGE[dtype]
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(6, 40, generator=g) * 3
+    factor = torch.rand(6, 1, generator=g) * 2 + 0.1
+    scales = (base * factor).abs().amax(dim=1) / (qmax + 0.5) * 0.7  # some codes saturate
+    if ch_axis is None:
+        scales = scales.max().reshape(1)
+    axis = None if ch_axis is None else 0
+    grad = torch.randn(6, 40, generator=g)
+    outputs, grads = [], []
+    for recompute in (True, False):
+        w = base.clone().requires_grad_(True)
+        x = w * factor if recompute else (w * factor).clone()
+        y = _fake_quantize_plain(x, scales, qmin, qmax, axis)
+        saved = y.grad_fn.saved_tensors
+        if recompute:
+            assert len(saved) == 3 and saved[0] is w and saved[1] is factor
+        else:
+            assert len(saved) == 1 and saved[0].dtype == torch.bool
+        y.backward(grad)
+        outputs.append(y.detach())
+        grads.append(w.grad)
+    shape = (6, 1) if ch_axis is not None else (1,)
+    product = (base * factor)
+    assert np.array_equal(outputs[0].numpy(), ref_fake_quant(product.numpy(), scales.numpy().reshape(shape), dtype))
+    assert torch.equal(outputs[0], outputs[1])
+    mask = _expected_mask(product, scales, dtype, shape)
+    assert (~mask).any() and mask.any()
+    assert torch.equal(grads[0], grads[1])
+    assert torch.equal(grads[0], grad * mask.float() * factor)
+
+
+def test_product_with_a_trainable_factor_keeps_a_mask():
+    w = torch.randn(4, 3, requires_grad=True)
+    factor = torch.rand(4, 1, requires_grad=True)
+    y = _fake_quantize_plain(w * factor, torch.full((4,), 0.01), -128, 127, 0)
+    assert len(y.grad_fn.saved_tensors) == 1  # the factor needs its gradient: not a constant
+    y.sum().backward()
+    assert factor.grad is not None

@@ -3,6 +3,8 @@ observers hold exactly that batch's min/max), BN handling in "with_bn" mode and 
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -166,6 +168,31 @@ def test_with_bn_qat_folds_running_stats_into_weight_and_uses_batch_stats():
     out.square().sum().backward()
     for p in (conv.weight, conv.bias, bn.weight, bn.bias):
         assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_with_bn_training_weight_fake_quant_keeps_no_mask():
+    """The folded weight ``weight * factor`` is fake-quantized keeping only the weight and the fold
+    factor (the STE mask is recomputed in backward), with the same output and gradients as the
+    saved-mask path (forced here by cloning the folded weight in a pre-hook)."""
+    conv, bn = _conv_bn_pair()
+    modules = [qat.Conv2d.from_float(_FusedConvBN(conv, bn), QC)]
+    modules.append(copy.deepcopy(modules[0]))
+    modules[1].weight_fake_quant.register_forward_pre_hook(lambda m, args: (args[0].clone(),))
+    x = torch.randn(4, 3, 6, 6)
+    grad = torch.randn(4, 4, 4, 4)
+    results = []
+    for module in modules:
+        captured = {}
+        module.weight_fake_quant.register_forward_hook(lambda m, args, out, c=captured: c.update(y=out))
+        out = module(x)
+        saved = captured["y"].grad_fn.saved_tensors
+        out.backward(grad)
+        results.append((out, saved, module.weight.grad, module.bn.weight.grad))
+    (out_a, saved_a, grad_a, bn_grad_a), (out_b, saved_b, grad_b, bn_grad_b) = results
+    assert len(saved_a) == 3 and saved_a[0] is modules[0].weight
+    assert len(saved_b) == 1 and saved_b[0].dtype == torch.bool
+    assert torch.equal(out_a, out_b) and torch.equal(grad_a, grad_b) and torch.equal(bn_grad_a, bn_grad_b)
+    assert grad_a.abs().sum() > 0
 
 
 def test_freeze_bn_uses_running_stats_without_changing_parameters():

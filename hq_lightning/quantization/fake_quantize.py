@@ -52,6 +52,25 @@ def _in_range_(codes: torch.Tensor, qmin: int, qmax: int, out_of_place: bool = F
     return centred.abs_().le_((qmax - qmin) / 2.0)
 
 
+def _leaf_times_constant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(leaf, factor)`` when ``x`` was computed as ``leaf * factor`` from a float32 leaf that
+    needs a gradient and a float32 constant (the BN-folded weight of a ``with_bn`` module in
+    training), else ``None``. The multiply's node already keeps both, so recomputing the STE mask
+    from them in backward costs no memory, where saving a mask costs 1 byte per element."""
+    node = x.grad_fn
+    if type(node).__name__ != "MulBackward0" or node.next_functions[1][0] is not None:
+        return None
+    leaf = getattr(node.next_functions[0][0], "variable", None)
+    factor = getattr(node, "_saved_other", None)
+    if not isinstance(leaf, torch.Tensor) or not isinstance(factor, torch.Tensor):
+        return None
+    if leaf.dtype != torch.float32 or factor.dtype != torch.float32 or x.dtype != torch.float32:
+        return None
+    if torch.broadcast_shapes(leaf.shape, factor.shape) != x.shape:
+        return None
+    return leaf, factor
+
+
 class _PlainFakeQuantize(torch.autograd.Function):
     """The formula in float32 with plain torch ops, in few passes over one temporary.
 
@@ -59,7 +78,8 @@ class _PlainFakeQuantize(torch.autograd.Function):
     backward it keeps either nothing new or a 1-byte mask:
 
     * a leaf input (a weight parameter) is alive until backward anyway, so only a reference to it
-      is kept and the in-range mask is recomputed from it in backward;
+      is kept and the in-range mask is recomputed from it in backward; likewise for an input
+      computed as ``leaf * constant`` (see :func:`_leaf_times_constant`), recomputing the product;
     * any other input keeps a ``bool`` mask of in-range codes (1 byte per element);
     * an input that needs no gradient keeps nothing.
 
@@ -72,10 +92,15 @@ class _PlainFakeQuantize(torch.autograd.Function):
         q.round_()
         ctx.qrange = (qmin, qmax)
         ctx.recompute_mask = False
+        ctx.recompute_product = False
         if ctx.needs_input_grad[0]:
+            product = None if x.is_leaf else _leaf_times_constant(x)
             if x.is_leaf:
                 ctx.recompute_mask = True
                 ctx.save_for_backward(x, inv_scale)
+            elif product is not None:
+                ctx.recompute_mask = ctx.recompute_product = True
+                ctx.save_for_backward(*product, inv_scale)
             else:
                 ctx.save_for_backward(_in_range_(q, qmin, qmax, out_of_place=True).to(torch.bool))
         q.clamp_(qmin, qmax).mul_(scale)
@@ -84,9 +109,13 @@ class _PlainFakeQuantize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         if ctx.recompute_mask:
-            x, inv_scale = ctx.saved_tensors
             with torch.no_grad():  # a constant even under create_graph=True
-                mask = torch.mul(x if x.dtype == torch.float32 else x.float(), inv_scale)
+                if ctx.recompute_product:
+                    leaf, factor, inv_scale = ctx.saved_tensors
+                    mask = torch.mul(leaf, factor).mul_(inv_scale)  # the forward's two roundings
+                else:
+                    x, inv_scale = ctx.saved_tensors
+                    mask = torch.mul(x if x.dtype == torch.float32 else x.float(), inv_scale)
                 _in_range_(mask.round_(), *ctx.qrange)
         else:
             (mask,) = ctx.saved_tensors
