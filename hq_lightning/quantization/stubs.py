@@ -3,7 +3,8 @@
 Both are identities in the float model; prepare swaps ``QuantStub`` for a fake-quantizing module
 (a fixed scale when ``scale`` is given, e.g. ``1/128`` for centered YUV input in [-1, 1)) and
 convert turns the pair into quantize / dequantize. ``is_quant_stub`` / ``is_dequant_stub`` also
-recognise torch's own ``torch.ao.quantization`` stubs by name, without importing ``torch.ao``.
+recognise the stubs of torch's own (deprecated) quantization package by class name and module
+path, without importing that package.
 
 Example:
     >>> import torch
@@ -23,7 +24,9 @@ from torch import nn
 
 __all__ = ["QuantStub", "DeQuantStub", "is_quant_stub", "is_dequant_stub"]
 
-_TORCH_STUB_MODULES = ("torch.ao.quantization", "torch.quantization", "torch.nn.quantized")
+# Module paths of torch's own stub classes, as path components: matched by name only, because
+# hq_lightning never imports torch's deprecated quantization package.
+_TORCH_STUB_MODULES = (("torch", "ao", "quantization"), ("torch", "quantization"), ("torch", "nn", "quantized"))
 
 
 class QuantStub(nn.Module):
@@ -57,7 +60,8 @@ class DeQuantStub(nn.Module):
 
 def _is_torch_class(module: object, name: str) -> bool:
     cls = type(module)
-    return cls.__name__ == name and cls.__module__.startswith(_TORCH_STUB_MODULES)
+    parts = tuple(cls.__module__.split("."))
+    return cls.__name__ == name and any(parts[: len(p)] == p for p in _TORCH_STUB_MODULES)
 
 
 def is_quant_stub(module: object) -> bool:
