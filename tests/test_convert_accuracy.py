@@ -121,7 +121,7 @@ def test_converted_model_follows_the_fake_quant_model(digits, arch):
     if arch == "resnet18":
         model, epochs = resnet18(width=8, num_classes=10), 4
     else:
-        model, epochs = mobilenet_v2(width_mult=0.35, num_classes=10, last_channel=128), 4
+        model, epochs = mobilenet_v2(width_mult=0.35, num_classes=10, last_channel=128), 12
     float_model = _train(model, x_train, y_train, epochs)
     prepared = _calibrated(float_model, x_train)
     converted = convert_fx(prepared)
@@ -143,9 +143,10 @@ def test_converted_model_follows_the_fake_quant_model(digits, arch):
     _layers_match_in_isolation(prepared, converted, x_test[:64], min_exact=0.999)
     within_grid, argmax_grid = _agreement(prepared, converted, x_test)
     print(f"{arch} bias on the int32 grid: within one step {within_grid:.4f}, arg-max {argmax_grid:.4f}")
-    # measured: ResNet-18 100 % / 100 %; MobileNetV2 98.4 % / 99.6 %: its 52 layers amplify those
-    # rare one-step differences (1e-5 after the first layer, 5 % of the last features)
-    assert argmax_grid >= 0.995 and within_grid >= (0.99 if arch == "resnet18" else 0.98)
+    # measured: ResNet-18 100 % / 100 %; MobileNetV2 (12 epochs, 92 % accuracy) 99.9 % / 100 %.
+    # A barely trained MobileNetV2 (4 epochs) gave 98.4 % / 99.6 %: its 52 layers amplify those
+    # rare one-step differences far more while its logits are nearly flat (bench/results/convert.md)
+    assert argmax_grid >= 0.995 and within_grid >= 0.99
     assert within_grid >= within
 
     with torch.no_grad():
