@@ -492,7 +492,19 @@ class PercentileObserver(_HistogramObserver):
         return f"percentile={self.percentile}, " + super().extra_repr()
 
 
-class MSEObserver(_HistogramObserver):
+class _StridedHistogramObserver(_HistogramObserver):
+    """A histogram observer that tries every ``stride``-th bin edge as its candidate ``amax``."""
+
+    def __init__(
+        self, bins: int = 2048, stride: int = 1, dtype: QuantDType | str = "qint8", sync: str = "minmax"
+    ) -> None:
+        super().__init__(bins=bins, dtype=dtype, sync=sync)
+        if not isinstance(stride, int) or stride < 1:
+            raise ValueError(f"Expected `stride` to be an int >= 1, but got {stride!r}.")
+        self.stride = stride
+
+
+class MSEObserver(_StridedHistogramObserver):
     """``amax`` minimising the squared fake-quant error over the histogram.
 
     Candidates are the upper bin edges ``k * width`` for ``k = stride, 2 * stride, ..., bins``; the
@@ -506,14 +518,6 @@ class MSEObserver(_HistogramObserver):
         True
     """
 
-    def __init__(
-        self, bins: int = 2048, stride: int = 1, dtype: QuantDType | str = "qint8", sync: str = "minmax"
-    ) -> None:
-        super().__init__(bins=bins, dtype=dtype, sync=sync)
-        if not isinstance(stride, int) or stride < 1:
-            raise ValueError(f"Expected `stride` to be an int >= 1, but got {stride!r}.")
-        self.stride = stride
-
     def calculate_amax(self) -> torch.Tensor:
         self._require_data()
         if float(self.hist_range) == 0.0:
@@ -525,7 +529,7 @@ class MSEObserver(_HistogramObserver):
         return self._result(float(edges[best]))
 
 
-class KLObserver(_HistogramObserver):
+class KLObserver(_StridedHistogramObserver):
     """``amax`` minimising KL(P || Q) between the clipped histogram and its quantized version.
 
     TensorRT-style entropy calibration: for each threshold bin ``i`` (``i >= levels``, the number
@@ -541,14 +545,6 @@ class KLObserver(_HistogramObserver):
         >>> 1.0 < float(obs.calculate_amax()) < float(obs.hist_range)
         True
     """
-
-    def __init__(
-        self, bins: int = 2048, stride: int = 1, dtype: QuantDType | str = "qint8", sync: str = "minmax"
-    ) -> None:
-        super().__init__(bins=bins, dtype=dtype, sync=sync)
-        if not isinstance(stride, int) or stride < 1:
-            raise ValueError(f"Expected `stride` to be an int >= 1, but got {stride!r}.")
-        self.stride = stride
 
     def calculate_amax(self) -> torch.Tensor:
         self._require_data()
