@@ -12,15 +12,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
 from hq_lightning.nn.qat.fake_quant_builders import activation_fake_quant
+from hq_lightning.nn.qat.output_fake_quant import OutputFakeQuantMixin, qconfig_of
 
 __all__ = ["AdaptiveAvgPool2d", "AvgPool2d"]
 
 
-class AvgPool2d(nn.AvgPool2d):
+class AvgPool2d(OutputFakeQuantMixin, nn.AvgPool2d):
     """QAT ``nn.AvgPool2d``: same arguments plus ``qconfig``; output fake quant."""
 
     def __init__(self, *args: Any, qconfig: Any = None, **kwargs: Any) -> None:
@@ -32,19 +32,13 @@ class AvgPool2d(nn.AvgPool2d):
     def from_float(cls, mod: nn.AvgPool2d, qconfig: Any = None) -> AvgPool2d:
         qat = cls(
             mod.kernel_size, mod.stride, mod.padding, mod.ceil_mode, mod.count_include_pad,
-            mod.divisor_override, qconfig=qconfig if qconfig is not None else getattr(mod, "qconfig", None),
+            mod.divisor_override, qconfig=qconfig_of(mod, qconfig),
         )
         qat.train(mod.training)
         return qat
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = super().forward(x)
-        if self.activation_post_process is not None:
-            out = self.activation_post_process(out)
-        return out
 
-
-class AdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
+class AdaptiveAvgPool2d(OutputFakeQuantMixin, nn.AdaptiveAvgPool2d):
     """QAT ``nn.AdaptiveAvgPool2d``: same arguments plus ``qconfig``; output fake quant."""
 
     def __init__(self, output_size: Any, qconfig: Any = None) -> None:
@@ -54,12 +48,6 @@ class AdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
 
     @classmethod
     def from_float(cls, mod: nn.AdaptiveAvgPool2d, qconfig: Any = None) -> AdaptiveAvgPool2d:
-        qat = cls(mod.output_size, qconfig=qconfig if qconfig is not None else getattr(mod, "qconfig", None))
+        qat = cls(mod.output_size, qconfig=qconfig_of(mod, qconfig))
         qat.train(mod.training)
         return qat
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = super().forward(x)
-        if self.activation_post_process is not None:
-            out = self.activation_post_process(out)
-        return out

@@ -15,15 +15,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
 from hq_lightning.nn.qat.fake_quant_builders import activation_fake_quant
+from hq_lightning.nn.qat.output_fake_quant import OutputFakeQuantMixin, qconfig_of
 
 __all__ = ["Upsample"]
 
 
-class Upsample(nn.Upsample):
+class Upsample(OutputFakeQuantMixin, nn.Upsample):
     """QAT ``nn.Upsample``: same arguments plus ``qconfig``; output fake quant."""
 
     def __init__(self, *args: Any, qconfig: Any = None, **kwargs: Any) -> None:
@@ -41,13 +41,7 @@ class Upsample(nn.Upsample):
         qat = cls(
             size=mod.size, scale_factor=mod.scale_factor, mode=mod.mode, align_corners=mod.align_corners,
             recompute_scale_factor=mod.recompute_scale_factor,
-            qconfig=qconfig if qconfig is not None else getattr(mod, "qconfig", None),
+            qconfig=qconfig_of(mod, qconfig),
         )
         qat.train(mod.training)
         return qat
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = super().forward(x)
-        if self.activation_post_process is not None:
-            out = self.activation_post_process(out)
-        return out
