@@ -21,6 +21,21 @@ from hq_lightning.nn.qat.fused_weighted import FusedWeightedMixin
 __all__ = ["Conv1d", "Conv2d", "Conv3d"]
 
 
+def conv_float_kwargs(conv: nn.Module) -> dict[str, Any]:
+    """The constructor arguments of a float convolution (``ConvTranspose`` adds ``output_padding``)."""
+    return {
+        "in_channels": conv.in_channels,
+        "out_channels": conv.out_channels,
+        "kernel_size": conv.kernel_size,
+        "stride": conv.stride,
+        "padding": conv.padding,
+        "dilation": conv.dilation,
+        "groups": conv.groups,
+        "bias": conv.bias is not None,
+        "padding_mode": conv.padding_mode,
+    }
+
+
 class _ConvNd(FusedWeightedMixin):
     def __init__(self, *args: Any, qconfig: Any, bn: nn.Module | None = None, relu: Any = None,
                  has_add: bool = False, **kwargs: Any) -> None:
@@ -29,17 +44,7 @@ class _ConvNd(FusedWeightedMixin):
 
     @classmethod
     def _float_kwargs(cls, conv: nn.Module) -> dict[str, Any]:
-        return {
-            "in_channels": conv.in_channels,
-            "out_channels": conv.out_channels,
-            "kernel_size": conv.kernel_size,
-            "stride": conv.stride,
-            "padding": conv.padding,
-            "dilation": conv.dilation,
-            "groups": conv.groups,
-            "bias": conv.bias is not None,
-            "padding_mode": conv.padding_mode,
-        }
+        return conv_float_kwargs(conv)
 
     def _weighted_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return self._conv_forward(x, weight, bias)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hq_lightning.nn.qat.conv import conv_float_kwargs
 from hq_lightning.nn.qat.fused_weighted import FusedWeightedMixin
 
 __all__ = ["ConvTranspose2d"]
@@ -45,18 +46,7 @@ class ConvTranspose2d(FusedWeightedMixin, nn.ConvTranspose2d):
 
     @classmethod
     def _float_kwargs(cls, conv: nn.Module) -> dict[str, Any]:
-        return {
-            "in_channels": conv.in_channels,
-            "out_channels": conv.out_channels,
-            "kernel_size": conv.kernel_size,
-            "stride": conv.stride,
-            "padding": conv.padding,
-            "output_padding": conv.output_padding,
-            "groups": conv.groups,
-            "bias": conv.bias is not None,
-            "dilation": conv.dilation,
-            "padding_mode": conv.padding_mode,
-        }
+        return {**conv_float_kwargs(conv), "output_padding": conv.output_padding}
 
     def _weighted_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.conv_transpose2d(x, weight, bias, self.stride, self.padding, self.output_padding, self.groups, self.dilation)
