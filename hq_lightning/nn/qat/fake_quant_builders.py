@@ -20,7 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["activation_fake_quant", "fixed_scale_fake_quant", "weight_fake_quant"]
+__all__ = ["activation_fake_quant", "fixed_scale_fake_quant", "qconfig_of", "weight_fake_quant"]
+
+
+def qconfig_of(mod: nn.Module, qconfig: Any) -> Any:
+    """The qconfig ``from_float`` was given, else the one recorded on the float module."""
+    return qconfig if qconfig is not None else getattr(mod, "qconfig", None)
 
 
 def weight_fake_quant(qconfig: Any, ch_axis: int = 0, owner: str = "module") -> nn.Module:

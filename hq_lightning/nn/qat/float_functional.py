@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from hq_lightning.nn.qat.fake_quant_builders import activation_fake_quant
+from hq_lightning.nn.qat.fake_quant_builders import activation_fake_quant, qconfig_of
 from hq_lightning.nn.quantized.float_functional import FloatFunctional as _FloatFunctional
 from hq_lightning.utils.fx_helper import record_module_method_call
 
@@ -40,7 +40,7 @@ class FloatFunctional(_FloatFunctional):
     @classmethod
     def from_float(cls, mod: nn.Module, qconfig: Any = None) -> FloatFunctional:
         """Build from our or torch's float ``FloatFunctional`` (keeps ``_hq_owner_path``)."""
-        qat = cls(qconfig if qconfig is not None else getattr(mod, "qconfig", None))
+        qat = cls(qconfig_of(mod, qconfig))
         owner = getattr(mod, "_hq_owner_path", None)
         if owner is not None:
             qat._hq_owner_path = owner

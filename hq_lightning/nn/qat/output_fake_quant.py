@@ -17,17 +17,10 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
-__all__ = ["OutputFakeQuantMixin", "qconfig_of"]
-
-
-def qconfig_of(mod: nn.Module, qconfig: Any) -> Any:
-    """The qconfig ``from_float`` was given, else the one recorded on the float module."""
-    return qconfig if qconfig is not None else getattr(mod, "qconfig", None)
+__all__ = ["OutputFakeQuantMixin"]
 
 
 class OutputFakeQuantMixin:

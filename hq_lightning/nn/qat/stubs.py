@@ -21,7 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from hq_lightning.nn.qat.fake_quant_builders import activation_fake_quant, fixed_scale_fake_quant
+from hq_lightning.nn.qat.fake_quant_builders import (
+    activation_fake_quant,
+    fixed_scale_fake_quant,
+    qconfig_of,
+)
 
 __all__ = ["DeQuantStub", "QuantStub"]
 
@@ -56,7 +60,7 @@ class QuantStub(nn.Module):
     @classmethod
     def from_float(cls, mod: nn.Module, qconfig: Any = None) -> QuantStub:
         """Build from a float ``QuantStub`` (ours, with optional ``scale``, or torch's)."""
-        qat = cls(scale=getattr(mod, "scale", None), qconfig=qconfig if qconfig is not None else getattr(mod, "qconfig", None))
+        qat = cls(scale=getattr(mod, "scale", None), qconfig=qconfig_of(mod, qconfig))
         qat.train(mod.training)
         return qat
 
@@ -77,7 +81,7 @@ class DeQuantStub(nn.Module):
 
     @classmethod
     def from_float(cls, mod: nn.Module, qconfig: Any = None) -> DeQuantStub:
-        qat = cls(qconfig if qconfig is not None else getattr(mod, "qconfig", None))
+        qat = cls(qconfig_of(mod, qconfig))
         qat.train(mod.training)
         return qat
 

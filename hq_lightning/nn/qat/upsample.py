@@ -17,8 +17,8 @@ from typing import Any
 
 from torch import nn
 
-from hq_lightning.nn.qat.fake_quant_builders import activation_fake_quant
-from hq_lightning.nn.qat.output_fake_quant import OutputFakeQuantMixin, qconfig_of
+from hq_lightning.nn.qat.fake_quant_builders import activation_fake_quant, qconfig_of
+from hq_lightning.nn.qat.output_fake_quant import OutputFakeQuantMixin
 
 __all__ = ["Upsample"]
 
