@@ -60,17 +60,18 @@ def reduce_min_max(
 
 def reduce_max(value: torch.Tensor, sync: str = "minmax") -> torch.Tensor:
     """Maximum over ranks (no-op when not distributed or ``sync == "none"``)."""
-    if sync == "none" or not is_distributed():
-        return value
-    value = value.clone()
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return value
+    return _all_reduce_copy(value, sync, "MAX")
 
 
 def reduce_sum(value: torch.Tensor, sync: str = "minmax") -> torch.Tensor:
     """Sum over ranks (no-op when not distributed or ``sync == "none"``)."""
+    return _all_reduce_copy(value, sync, "SUM")
+
+
+def _all_reduce_copy(value: torch.Tensor, sync: str, op: str) -> torch.Tensor:
+    # the op is named, not passed as dist.ReduceOp: that attribute is only read once distributed
     if sync == "none" or not is_distributed():
         return value
-    value = value.clone()
-    dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    value = value.clone()  # all_reduce works in place; the caller's tensor is left as it is
+    dist.all_reduce(value, op=getattr(dist.ReduceOp, op))
     return value
