@@ -32,6 +32,7 @@ from hq_lightning.quantization.qconfig import (
     default_qat_8bit_weight_32bit_out_fake_quant_qconfig,
     default_qat_16bit_fake_quant_qconfig,
 )
+from tests.chapter_samples import RGB888Net
 from tests.models import resnet18
 from tests.reference.integer_ref import (
     ref_bias,
@@ -333,26 +334,8 @@ def test_rgb888_sample_from_the_chapter_runs():
     from hq_lightning import set_march
     from hq_lightning.functional import centered_yuv2rgb
 
-    class Net(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.quant = QuantStub()
-            self.conv = torch.nn.Conv2d(3, 3, 3)
-            self.bn = torch.nn.BatchNorm2d(3)
-            self.relu = torch.nn.ReLU()
-
-        def forward(self, input):
-            x = self.quant(input)
-            x = self.conv(x)
-            x = self.bn(x)
-            x = self.relu(x)
-            return x
-
-        def set_qconfig(self):
-            self.qconfig = default_qat_8bit_fake_quant_qconfig
-
     data = torch.rand(1, 3, 28, 28)
-    net = Net()
+    net = RGB888Net()
     with march_context("bayes"):
         set_march("bayes")
         net.set_qconfig()

@@ -16,6 +16,7 @@ from hq_lightning.functional import (
 )
 from hq_lightning.quantization import DeQuantStub, QuantStub, convert_fx, prepare_qat_fx
 from hq_lightning.quantization.qconfig import default_qat_8bit_fake_quant_qconfig
+from tests.chapter_samples import RGB888Net
 
 
 @pytest.fixture(autouse=True)
@@ -27,26 +28,8 @@ def _bayes():
 
 def test_chapter_rgb888_sample_runs_and_prints_the_inserted_node():
     # user-guide-expert.md, "RGB888 数据部署", with the package name replaced
-    class Net(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.quant = QuantStub()
-            self.conv = torch.nn.Conv2d(3, 3, 3)
-            self.bn = torch.nn.BatchNorm2d(3)
-            self.relu = torch.nn.ReLU()
-
-        def forward(self, input):
-            x = self.quant(input)
-            x = self.conv(x)
-            x = self.bn(x)
-            x = self.relu(x)
-            return x
-
-        def set_qconfig(self):
-            self.qconfig = default_qat_8bit_fake_quant_qconfig
-
     data = torch.rand(1, 3, 28, 28)
-    net = Net()
+    net = RGB888Net()
     set_march("bayes")
     net.set_qconfig()
     qat_net = prepare_qat_fx(net)

@@ -34,6 +34,7 @@ from hq_lightning.quantization.qconfig import (
     default_qat_16bit_fake_quant_qconfig,
 )
 from hq_lightning.utils.fx_helper import wrap
+from tests.chapter_samples import RGB888Net
 from tests.models import mobilenet_v2, resnet18
 
 QAT8 = default_qat_8bit_fake_quant_qconfig
@@ -102,26 +103,8 @@ def test_chapter_prepare_sample_with_module_name_override():
 
 
 def test_chapter_rgb888_sample_up_to_the_qat_forward():
-    class Net(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.quant = QuantStub()
-            self.conv = torch.nn.Conv2d(3, 3, 3)
-            self.bn = torch.nn.BatchNorm2d(3)
-            self.relu = torch.nn.ReLU()
-
-        def forward(self, input):
-            x = self.quant(input)
-            x = self.conv(x)
-            x = self.bn(x)
-            x = self.relu(x)
-            return x
-
-        def set_qconfig(self):
-            self.qconfig = default_qat_8bit_fake_quant_qconfig
-
     data = torch.rand(1, 3, 28, 28)
-    net = Net()
+    net = RGB888Net()
     set_march("bayes")
     net.set_qconfig()
     qat_net = prepare_qat_fx(net)
