@@ -45,13 +45,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from hq_lightning.quantization import (
-    FakeQuantState,
-    convert_fx,
-    prepare_qat_fx,
-    set_fake_quantize,
-)
-from hq_lightning.quantization.qconfig import default_calib_8bit_fake_quant_qconfig
+from hq_lightning.quantization import convert_fx
+from tests.calibrate import calibrated
 from tests.models import mobilenet_v2, resnet18
 
 BATCH, SIZE, THREADS = 32, 32, 2
@@ -82,17 +77,6 @@ def warm_batch_norm(model: nn.Module, batches: list[torch.Tensor]) -> nn.Module:
         for x in batches:
             model(x)
     return model.eval()
-
-
-def calibrated(float_model: nn.Module, batches: list[torch.Tensor]) -> nn.Module:
-    prepared = prepare_qat_fx(float_model, {"": default_calib_8bit_fake_quant_qconfig})
-    prepared.eval()
-    set_fake_quantize(prepared, FakeQuantState.CALIBRATION)
-    with torch.no_grad():
-        for x in batches:
-            prepared(x)
-    set_fake_quantize(prepared, FakeQuantState.VALIDATION)
-    return prepared
 
 
 def hq_converted(

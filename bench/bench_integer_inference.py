@@ -131,21 +131,10 @@ def section_layers(rounds: int, threads: int, passes: int) -> list[str]:
 
 
 def _converted(float_model: torch.nn.Module, gen: torch.Generator) -> torch.nn.Module:
-    from hq_lightning.quantization import (
-        FakeQuantState,
-        convert_fx,
-        prepare_qat_fx,
-        set_fake_quantize,
-    )
-    from hq_lightning.quantization.qconfig import default_calib_8bit_fake_quant_qconfig
+    from hq_lightning.quantization import convert_fx
+    from tests.calibrate import calibrated
 
-    prepared = prepare_qat_fx(float_model, {"": default_calib_8bit_fake_quant_qconfig}).eval()
-    set_fake_quantize(prepared, FakeQuantState.CALIBRATION)
-    with torch.no_grad():
-        for _ in range(2):
-            prepared(torch.randn(BATCH, 3, 32, 32, generator=gen))
-    set_fake_quantize(prepared, FakeQuantState.VALIDATION)
-    return convert_fx(prepared)
+    return convert_fx(calibrated(float_model, [torch.randn(BATCH, 3, 32, 32, generator=gen) for _ in range(2)]))
 
 
 @torch.no_grad()

@@ -27,8 +27,8 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 from hq_lightning.nn import qat
-from hq_lightning.quantization import FakeQuantState, convert_fx, prepare_qat_fx, set_fake_quantize
-from hq_lightning.quantization.qconfig import default_calib_8bit_fake_quant_qconfig
+from hq_lightning.quantization import convert_fx
+from tests.calibrate import calibrated
 from tests.models import mobilenet_v2, resnet18
 
 pytestmark = pytest.mark.slow
@@ -62,14 +62,7 @@ def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int) -> n
 
 
 def _calibrated(float_model: nn.Module, x: torch.Tensor) -> nn.Module:
-    prepared = prepare_qat_fx(float_model, {"": default_calib_8bit_fake_quant_qconfig})
-    prepared.eval()
-    set_fake_quantize(prepared, FakeQuantState.CALIBRATION)
-    with torch.no_grad():
-        for i in range(0, 512, 128):
-            prepared(x[i : i + 128])
-    set_fake_quantize(prepared, FakeQuantState.VALIDATION)
-    return prepared
+    return calibrated(float_model, [x[i : i + 128] for i in range(0, 512, 128)])
 
 
 def _agreement(prepared: nn.Module, converted: nn.Module, x: torch.Tensor) -> tuple[float, float]:

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from hq_lightning.qconfig import (
-    default_calib_8bit_fake_quant_qconfig,
     default_qat_8bit_fake_quant_qconfig,
 )
 from hq_lightning.quantization import (
@@ -20,6 +19,7 @@ from hq_lightning.quantization import (
     set_fake_quantize,
 )
 from hq_lightning.quantization.fake_quantize import fake_quantize
+from tests.calibrate import calibrated
 from tests.models import mobilenet_v2, resnet18
 
 pytestmark = pytest.mark.gpu
@@ -42,12 +42,7 @@ def test_fake_quantize_on_cuda_equals_cpu(dtype, ch_axis):
 
 
 def _calibrated_qat(model, batches):
-    calib = prepare_qat_fx(model, {"": default_calib_8bit_fake_quant_qconfig})
-    calib.eval()
-    set_fake_quantize(calib, FakeQuantState.CALIBRATION)
-    with torch.no_grad():
-        for x in batches:
-            calib(x)
+    calib = calibrated(model, batches, validate=False)
     qat = prepare_qat_fx(model, {"": default_qat_8bit_fake_quant_qconfig})
     copy_calibration_state(calib, qat)
     return qat

@@ -29,6 +29,7 @@ from hq_lightning.quantization import (
     set_fake_quantize,
 )
 from hq_lightning.quantization import sensitivity as sensitivity_module
+from tests.calibrate import calibrated
 
 
 @pytest.fixture(autouse=True)
@@ -88,13 +89,7 @@ def _batches(shape, n=2, seed=0):
 
 
 def _calibrated(float_model, batches, qconfig=default_qat_8bit_fake_quant_qconfig):
-    model = prepare_qat_fx(float_model, {"": qconfig}).eval()
-    set_fake_quantize(model, FakeQuantState.CALIBRATION)
-    with torch.no_grad():
-        for x in batches:
-            model(x)
-    set_fake_quantize(model, FakeQuantState.VALIDATION)
-    return model
+    return calibrated(float_model, batches, {"": qconfig})
 
 
 def _chain(outlier=None, seed=0):
@@ -277,7 +272,7 @@ def test_int16_fallback_repairs_the_sensitive_layer():
     assert report.fallback_qconfig_dict(1, float_model=float_model) == fragment
     assert report.fallback_qconfig_dict(0) == {"module_name": {}}
     merged = _merge({"": default_qat_8bit_fake_quant_qconfig}, fragment)
-    repaired = _calibrated_with(float_model, merged, batches)
+    repaired = calibrated(float_model, batches, merged, validate=False)
     assert _int16_layers(repaired) == {"fc2"}
     after = layer_sensitivity(repaired, batches)
     before_fc2 = {row.path: row.value for row in report}["fc2"]
@@ -286,15 +281,6 @@ def test_int16_fallback_repairs_the_sensitive_layer():
     assert after.quantized_value > report.quantized_value + 10.0
     # an int16 fallback skips layers already int16: the next fallback goes elsewhere
     assert "fc2" not in after.fallback_qconfig_dict(2)["module_name"]
-
-
-def _calibrated_with(float_model, qconfig_dict, batches):
-    model = prepare_qat_fx(float_model, qconfig_dict).eval()
-    set_fake_quantize(model, FakeQuantState.CALIBRATION)
-    with torch.no_grad():
-        for x in batches:
-            model(x)
-    return model
 
 
 def test_bernoulli2_has_no_int16_so_the_fallback_is_float():
