@@ -25,6 +25,14 @@ from hq_lightning.quantization.stubs import DeQuantStub, QuantStub
 __all__ = ["BasicBlock", "InvertedResidual", "MobileNetV2", "ResNet18", "mobilenet_v2", "resnet18"]
 
 
+def _spread_batch_norm_affine(model: nn.Module) -> None:
+    # non-trivial BN weight and bias so that BN folding is exercised by tests
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.1, 0.1)
+
+
 class BasicBlock(nn.Module):
     """ResNet basic block: conv-bn-relu, conv-bn, ``+`` shortcut, relu."""
 
@@ -73,11 +81,7 @@ class ResNet18(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[-1], num_classes)
         self.dequant = DeQuantStub()
-        for m in self.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                # non-trivial statistics so that BN folding is exercised by tests
-                nn.init.uniform_(m.weight, 0.5, 1.5)
-                nn.init.uniform_(m.bias, -0.1, 0.1)
+        _spread_batch_norm_affine(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.quant(x)
@@ -157,10 +161,7 @@ class MobileNetV2(nn.Module):
         self.dropout = nn.Dropout(0.2)
         self.classifier = nn.Linear(self.last_channel, num_classes)
         self.dequant = DeQuantStub()
-        for m in self.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                nn.init.uniform_(m.weight, 0.5, 1.5)
-                nn.init.uniform_(m.bias, -0.1, 0.1)
+        _spread_batch_norm_affine(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.quant(x)
