@@ -32,7 +32,7 @@ from hq_lightning.quantization.qconfig import (
     default_qat_8bit_weight_32bit_out_fake_quant_qconfig,
     default_qat_16bit_fake_quant_qconfig,
 )
-from tests.chapter_samples import RGB888Net
+from tests.chapter_samples import insert_centered_yuv2rgb_by_hand, rgb888_converted
 from tests.models import resnet18
 from tests.reference.integer_ref import (
     ref_bias,
@@ -331,31 +331,12 @@ def test_state_dict_and_whole_module_round_trips_are_exact():
 
 def test_rgb888_sample_from_the_chapter_runs():
     # user-guide-expert.md, "RGB888 数据部署", with horizon_plugin_pytorch -> hq_lightning
-    from hq_lightning import set_march
-    from hq_lightning.functional import centered_yuv2rgb
-
-    data = torch.rand(1, 3, 28, 28)
-    net = RGB888Net()
     with march_context("bayes"):
-        set_march("bayes")
-        net.set_qconfig()
-        qat_net = prepare_qat_fx(net)
-        qat_net(data)
-        quantized_net = convert_fx(qat_net)
-        traced = quantized_net
+        traced = rgb888_converted()
         traced.graph.print_tabular()
         before = [(n.op, str(n.target)) for n in traced.graph.nodes]
 
-        patterns = ["quant"]
-        for n in traced.graph.nodes:
-            if any(n.target == pattern for pattern in patterns):
-                with traced.graph.inserting_after(n):
-                    new_node = traced.graph.call_function(centered_yuv2rgb, (n,), {"swing": "full"})
-                    n.replace_all_uses_with(new_node)
-                    new_node.args = (n,)
-
-        traced.quant.scale.fill_(1.0)
-        traced.recompile()
+        insert_centered_yuv2rgb_by_hand(traced)
         traced.graph.print_tabular()
 
         ops = [n.op for n in traced.graph.nodes]

@@ -16,7 +16,7 @@ from hq_lightning.functional import (
 )
 from hq_lightning.quantization import DeQuantStub, QuantStub, convert_fx, prepare_qat_fx
 from hq_lightning.quantization.qconfig import default_qat_8bit_fake_quant_qconfig
-from tests.chapter_samples import RGB888Net
+from tests.chapter_samples import insert_centered_yuv2rgb_by_hand, rgb888_converted
 
 
 @pytest.fixture(autouse=True)
@@ -28,27 +28,12 @@ def _bayes():
 
 def test_chapter_rgb888_sample_runs_and_prints_the_inserted_node():
     # user-guide-expert.md, "RGB888 数据部署", with the package name replaced
-    data = torch.rand(1, 3, 28, 28)
-    net = RGB888Net()
-    set_march("bayes")
-    net.set_qconfig()
-    qat_net = prepare_qat_fx(net)
-    qat_net(data)
-    quantized_net = convert_fx(qat_net)
-    traced = quantized_net
+    traced = rgb888_converted()
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         print("Before centered_yuv2rgb")
         traced.graph.print_tabular()
-        patterns = ["quant"]
-        for n in traced.graph.nodes:
-            if any(n.target == pattern for pattern in patterns):
-                with traced.graph.inserting_after(n):
-                    new_node = traced.graph.call_function(centered_yuv2rgb, (n,), {"swing": "full"})
-                    n.replace_all_uses_with(new_node)
-                    new_node.args = (n,)
-        traced.quant.scale.fill_(1.0)
-        traced.recompile()
+        insert_centered_yuv2rgb_by_hand(traced)
         print("\nAfter centered_yuv2rgb")
         traced.graph.print_tabular()
     before, after = out.getvalue().split("After centered_yuv2rgb")
