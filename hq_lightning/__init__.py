@@ -9,3 +9,15 @@ from hq_lightning.march import March, get_march, set_march
 
 __all__ = ["March", "get_march", "set_march", "qint8", "qint16", "qint32", "__version__"]
 __version__ = "0.1.0"
+
+# ``import hq_lightning as horizon; horizon.quantization.fuse_fx(...)`` as in the plugin's docs:
+# the core subpackages load on first attribute access (never callbacks/cli, which need Lightning).
+_SUBPACKAGES = ("functional", "nn", "qconfig", "quantization", "utils")
+
+
+def __getattr__(name):
+    if name in _SUBPACKAGES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
