@@ -74,6 +74,16 @@ def _blocks() -> dict[str, str]:
 BLOCKS = _blocks()
 
 
+@pytest.fixture(autouse=True)
+def _restore_march():
+    """The samples call ``set_march``; leave the process-wide march as it was."""
+    from hq_lightning import get_march, set_march
+
+    before = get_march()
+    yield
+    set_march(before)
+
+
 def _run(code: str, namespace: dict | None = None) -> tuple[dict, str]:
     """Exec ``code`` in a fresh (or the given) namespace after seeding; return it and the stdout."""
     namespace = {"__name__": "chapter_sample"} if namespace is None else namespace
