@@ -21,6 +21,7 @@ _EXPORTS = {
     # fake quant and its states
     "FakeQuantize": "fake_quantize",
     "CalibFakeQuantize": "fake_quantize",
+    "LearnableFakeQuantize": "learnable_fake_quantize",
     "FakeQuantState": "state",
     "set_fake_quantize": "state",
     "QConfig": "qconfig",
