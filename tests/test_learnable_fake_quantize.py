@@ -310,3 +310,45 @@ def test_strict_state_dict_round_trip_into_a_fresh_prepare():
         if key.endswith(".scale"):
             assert torch.equal(after[key], state[key]), key
     assert torch.equal(convert_fx(fresh)(x), convert_fx(prepared)(x))
+
+
+def test_calibrated_scales_hand_over_to_learnable_scales():
+    from hq_lightning.qconfig import default_calib_8bit_fake_quant_qconfig
+    from hq_lightning.quantization import (
+        DeQuantStub,
+        FakeQuantState,
+        QConfig,
+        QuantStub,
+        copy_calibration_state,
+        prepare_qat_fx,
+        set_fake_quantize,
+    )
+    from hq_lightning.quantization.observer import (
+        MovingAveragePerChannelMinMaxObserver,
+        MovingAveragePerTensorMinMaxObserver,
+    )
+
+    torch.manual_seed(0)
+    float_model = nn.Sequential(QuantStub(), nn.Conv2d(3, 4, 3), nn.ReLU(), DeQuantStub())
+    calib = prepare_qat_fx(float_model, {"": default_calib_8bit_fake_quant_qconfig})
+    calib.eval()
+    set_fake_quantize(calib, FakeQuantState.CALIBRATION)
+    with torch.no_grad():
+        calib(torch.randn(8, 3, 8, 8))
+    learnable = QConfig(
+        activation=LearnableFakeQuantize.with_args(observer=MovingAveragePerTensorMinMaxObserver),
+        weight=LearnableFakeQuantize.with_args(observer=MovingAveragePerChannelMinMaxObserver, ch_axis=0),
+    )
+    qat = prepare_qat_fx(float_model, {"": learnable})
+    parameters_before = {id(p) for p in qat.parameters()}
+    names = copy_calibration_state(calib, qat)
+    assert names and {id(p) for p in qat.parameters()} == parameters_before
+    for name in names:
+        assert torch.equal(qat.get_submodule(name).scale, calib.get_submodule(name).scale), name
+    # the first QAT batch keeps the calibrated scales instead of re-seeding from its observer
+    calibrated = {name: qat.get_submodule(name).scale.clone() for name in names}
+    qat.train()
+    set_fake_quantize(qat, FakeQuantState.QAT)
+    qat(torch.randn(8, 3, 8, 8) * 10)
+    for name in names:
+        assert torch.equal(qat.get_submodule(name).scale, calibrated[name]), name

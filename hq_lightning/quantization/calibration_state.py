@@ -65,11 +65,13 @@ def copy_float_state(source: nn.Module, target: nn.Module) -> None:
 
 
 def _assign(module: nn.Module, name: str, value: torch.Tensor) -> None:
-    current = module._buffers[name]
-    if current.shape == value.shape:
-        current.copy_(value)
-    else:
-        module._buffers[name] = value.detach().clone().to(device=current.device, dtype=current.dtype)
+    # a learnable scale is a Parameter under the same name: keep the Parameter object (an
+    # optimizer may already hold it) and copy into its storage
+    tensors = module._parameters if name in module._parameters else module._buffers
+    current = tensors[name]
+    if current.shape != value.shape:
+        current.data = torch.empty(value.shape, device=current.device, dtype=current.dtype)
+    current.data.copy_(value)
 
 
 @torch.no_grad()
@@ -99,6 +101,8 @@ def copy_calibration_state(calibrated: nn.Module, live: nn.Module) -> list[str]:
             continue
         _assign(target, "scale", source.scale)
         _assign(target, "zero_point", source.zero_point)
+        if hasattr(target, "_scale_initialized"):  # a learnable scale starts from the calibrated one
+            target._scale_initialized = True
         if type(src_obs) is type(dst_obs):
             dst_obs.load_state_dict(src_obs.state_dict())
         elif "min_val" in dst_obs._buffers and "max_val" in dst_obs._buffers:
