@@ -38,7 +38,7 @@ from hq_lightning.dtype import QuantDType
 from hq_lightning.nn import qat
 from hq_lightning.nn import quantized as nnq
 from hq_lightning.quantization.fx import qat_mapping
-from hq_lightning.quantization.stubs import is_dequant_stub, is_quant_stub
+from hq_lightning.quantization.fx.qat_mapping import is_dequant, is_quant
 
 if TYPE_CHECKING:  # pragma: no cover
     from hq_lightning.quantization.fx.convert import ConvertContext, QParams
@@ -338,16 +338,6 @@ def is_float_functional(module: nn.Module) -> bool:
         or traced_float_functional(module)
         or (qat_class is not None and isinstance(module, qat_class))
     )
-
-
-def is_quant(module: nn.Module) -> bool:
-    """A QuantStub, prepared (``qat.QuantStub``) or not (ours or torch's)."""
-    return isinstance(module, qat.QuantStub) or is_quant_stub(module)
-
-
-def is_dequant(module: nn.Module) -> bool:
-    """A DeQuantStub, prepared (``qat.DeQuantStub``) or not (ours or torch's)."""
-    return isinstance(module, qat.DeQuantStub) or is_dequant_stub(module)
 
 
 def module_builder(module: nn.Module) -> Builder | None:

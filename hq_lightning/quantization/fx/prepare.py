@@ -54,7 +54,7 @@ from hq_lightning.quantization.fx.qconfig_tree import (
     resolve_qconfigs,
 )
 from hq_lightning.quantization.qconfig import QConfig
-from hq_lightning.quantization.stubs import is_dequant_stub, is_quant_stub
+from hq_lightning.quantization.stubs import is_quant_stub
 from hq_lightning.utils import fx_helper
 
 __all__ = ["QAT_MODES", "UnsupportedOperationError", "prepare_qat_fx"]
@@ -250,7 +250,7 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module], qconfigs: dict[str, 
     owner = node.meta.get("hq_module_path", "")
     if node.op == "call_module":
         module = modules[str(node.target)]
-        if is_dequant_stub(module) or isinstance(module, qat.DeQuantStub):
+        if qat_mapping.is_dequant(module):
             return "float"
         if _is_qat_module(module) or qat_mapping.is_scale_preserving(module):
             return "quantized"

@@ -32,7 +32,9 @@ __all__ = [
     "SCALE_PRESERVING_FUNCTIONS",
     "SCALE_PRESERVING_METHODS",
     "SCALE_PRESERVING_MODULES",
+    "is_dequant",
     "is_fused_module",
+    "is_quant",
     "is_scale_preserving",
     "qat_class_for",
 ]
@@ -137,6 +139,16 @@ def _float_functional_qat_class(module: nn.Module) -> type[nn.Module] | None:
     from hq_lightning.quantization.fx.tracer import is_float_functional
 
     return qat.FloatFunctional if is_float_functional(module) else None
+
+
+def is_quant(module: nn.Module) -> bool:
+    """A QuantStub, prepared (``qat.QuantStub``) or not (ours or torch's)."""
+    return isinstance(module, qat.QuantStub) or is_quant_stub(module)
+
+
+def is_dequant(module: nn.Module) -> bool:
+    """A DeQuantStub, prepared (``qat.DeQuantStub``) or not (ours or torch's)."""
+    return isinstance(module, qat.DeQuantStub) or is_dequant_stub(module)
 
 
 def qat_class_for(module: nn.Module) -> type[nn.Module] | None:
