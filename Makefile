@@ -3,8 +3,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 # torch is installed first and pinned here, so the project's `torch>=2.4` finds it satisfied.
-# Override for another build, e.g. TORCH_SPEC="torch==2.14.1" on a CUDA machine.
-TORCH_SPEC ?= torch==2.13.0
+# torchvision rides along for the end-to-end tests on unmodified torchvision models; torch and
+# torchvision must be installed together (a lone PyPI torchvision pulls its own torch).
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PY := $(VENV)/bin/python
 
 .PHONY: venv test run lint bench clean
