@@ -34,7 +34,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, Checkpoint, EarlyStopping
+from lightning.pytorch.callbacks import Callback, Checkpoint, EarlyStopping, RichProgressBar
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -46,6 +46,7 @@ from hq_lightning.callbacks._qconfig_checks import (
 )
 from hq_lightning.callbacks._spawn_handoff import install_handoff, new_token
 from hq_lightning.callbacks._submodule import get_submodule, set_submodule
+from hq_lightning.deploy.atomic_write import ArtefactWriteError, save_atomically
 from hq_lightning.march import as_march, march_context
 from hq_lightning.quantization.calibration_state import copy_calibration_state, copy_float_state
 from hq_lightning.quantization.fake_quantize import FakeQuantize
@@ -60,7 +61,7 @@ __all__ = ["QuantizationCallback", "default_calibration_step"]
 PHASES = ("float", "calibration", "qat", "done")
 _EXPORTS = ("torchscript", "onnx")
 _INPUT_KEYS = ("img", "x", "input")
-_PREFIXES = ("float/", "calibration/", "qat/", "quantized/")
+_PREFIXES = ("float/", "calibration/", "qat/", "quantized/", "deployed/")
 
 
 def batch_inputs(batch: Any) -> Any:
@@ -205,6 +206,7 @@ class QuantizationCallback(Callback):
 
         self.phase = "float"
         self.calibrated = False
+        self.finished = False
         self.metrics_table: dict[str, dict[str, float]] = {}
         self.quantized_model: nn.Module | None = None
         self.exported_files: dict[str, str] = {}
@@ -218,6 +220,8 @@ class QuantizationCallback(Callback):
         self._state_restored = False
         self._refusal_hook: Any = None
         self._handoff_token = new_token()
+        self._train_loop_ran = False
+        self._table_pending = False
 
     # ------------------------------------------------------------------ state
     @property
@@ -230,9 +234,11 @@ class QuantizationCallback(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "version": 1,
+            "version": 2,
             "phase": self.phase,
             "calibrated": self.calibrated,
+            # the whole workflow ran, conversion and export included (version 1: phase == "done")
+            "finished": self.finished,
             "float_epochs": self.float_epochs,
             "metrics_table": copy.deepcopy(self.metrics_table),
         }
@@ -244,6 +250,7 @@ class QuantizationCallback(Callback):
         # a checkpoint written during calibration holds the pre-calibration weights: redo it
         self.phase = "float" if phase == "calibration" else phase
         self.calibrated = bool(state_dict.get("calibrated", False))
+        self.finished = bool(state_dict.get("finished", phase == "done"))
         self.metrics_table = copy.deepcopy(state_dict.get("metrics_table", {}))
         self._state_restored = True
         if self.calibrated:
@@ -252,6 +259,7 @@ class QuantizationCallback(Callback):
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._state_restored = False
+        self._train_loop_ran = False
         if stage == "fit":
             install_handoff(trainer, self.state_key, self._handoff_token, self._handoff_payload)
         current = get_submodule(pl_module, self.submodule)
@@ -328,6 +336,7 @@ class QuantizationCallback(Callback):
 
     # ------------------------------------------------------------------ fit
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._train_loop_ran = True
         self._check_state_restored(trainer)
         if self.phase == "float" and self.calibration_qconfig is not None:
             self._calibration_loader(trainer)  # fail now, not after the float epochs
@@ -344,19 +353,44 @@ class QuantizationCallback(Callback):
             self._apply_training_state(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._finish_workflow(trainer, pl_module)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A fit resumed from a checkpoint of the last epoch skips the training loop (Lightning
+        # calls neither on_train_start nor on_train_end): what did not happen at the end of the
+        # interrupted run (a crash or a full disk during conversion or export) happens now.
+        if not self._train_loop_ran and not self.finished:
+            self._check_state_restored(trainer)
+            self._finish_workflow(trainer, pl_module)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and self._table_pending:
+            self._table_pending = False
+            # the table comes last: after the progress bar's final frame, not under it
+            bar = trainer.progress_bar_callback
+            if isinstance(bar, RichProgressBar):
+                bar.teardown(trainer, pl_module, stage)  # stops its live display (idempotent)
+            rank_zero_info(render_metrics_table(self.metrics_table))
+
+    def _finish_workflow(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Calibrate (if still due), convert, validate and export; then the workflow is finished."""
         if self.phase == "float":
             if self.calibration_qconfig is None:
                 rank_zero_warn(
                     "QuantizationCallback: training ended in the float phase without calibration; "
                     "nothing is converted. Set max_epochs > float_epochs or give a calibration_qconfig."
                 )
+                self.finished = True
                 return
             self._leave_float_phase(trainer, pl_module)
         if self.convert_at_end:
-            self._convert_evaluate_export(trainer, pl_module)
+            try:
+                self._convert_evaluate_export(trainer, pl_module)
+            except ArtefactWriteError as err:
+                raise ArtefactWriteError(err.errno, f"{err.strerror}\n{_resume_hint(trainer)}") from err
         self.phase = "done"
-        if self.metrics_table:
-            rank_zero_info(render_metrics_table(self.metrics_table))
+        self.finished = True
+        self._table_pending = bool(self.metrics_table)
 
     def _leave_float_phase(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.calibration_qconfig is not None:
@@ -522,7 +556,43 @@ class QuantizationCallback(Callback):
             trainer.callbacks = callbacks
 
     # ------------------------------------------------------------------ conversion
-    def _convert_evaluate_export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def converted_model(self) -> nn.Module:
+        """The converted submodule (a GraphModule, eval mode), for deployment.
+
+        After ``trainer.fit`` it is :attr:`quantized_model`. In ``trainer.validate``/``test``
+        from a finished checkpoint (weights and scales restored, nothing converted in this process)
+        the restored model is converted once here.
+
+        Raises:
+            RuntimeError: nothing is trained to convert (no setup yet, or still in the float phase).
+        """
+        if self.quantized_model is None:
+            if self._live is None or self.phase == "float":
+                raise RuntimeError(
+                    f"Expected {self.state_key} to hold a calibrated or QAT-trained `{self.submodule}` "
+                    f"to convert, but it is in phase {self.phase!r}"
+                    f"{' and was never set up' if self._live is None else ''}: run trainer.fit first, "
+                    "or validate/test from a checkpoint saved after calibration."
+                )
+            self.quantized_model = self._convert_live()
+        return self.quantized_model
+
+    def evaluate_with(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Module, label: str
+    ) -> dict[str, float]:
+        """Validate with ``model`` in place of the submodule, once, during fit (e.g. at its end).
+
+        The module's own ``validation_step`` runs on the fit's validation data; the metrics go to
+        ``metrics_table[label]`` (a column of the final table) and are logged as ``<label>/<name>``.
+        """
+        set_submodule(pl_module, self.submodule, model)
+        try:
+            self._evaluate(trainer, label)
+        finally:
+            set_submodule(pl_module, self.submodule, self._live)
+        return dict(self.metrics_table.get(label, {}))
+
+    def _convert_live(self) -> nn.Module:
         from hq_lightning.quantization import convert_fx
 
         qat_model = copy.deepcopy(self._live)
@@ -531,7 +601,10 @@ class QuantizationCallback(Callback):
         context = march_context(self.march) if self.march is not None else contextlib.nullcontext()
         with context:
             quantized = convert_fx(qat_model)
-        quantized.eval()
+        return quantized.eval()
+
+    def _convert_evaluate_export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        quantized = self._convert_live()
         self.quantized_model = quantized
         hook = quantized.register_forward_pre_hook(self._capture_input, with_kwargs=True)
         set_submodule(pl_module, self.submodule, quantized)
@@ -569,10 +642,9 @@ class QuantizationCallback(Callback):
     def _export(self, directory: str) -> None:
         from hq_lightning.deploy import export_onnx, export_torchscript
 
-        os.makedirs(directory, exist_ok=True)
         model = self.quantized_model
         state_path = os.path.join(directory, "quantized_state_dict.pt")
-        torch.save(model.state_dict(), state_path)
+        save_atomically(model.state_dict(), state_path)  # the whole file or none of it
         self.exported_files["state_dict"] = state_path
         if not self.export:
             return
@@ -583,6 +655,8 @@ class QuantizationCallback(Callback):
             path = os.path.join(directory, name)
             try:
                 exporter(model, inputs, path)  # each checks the file's output against the model
+            except ArtefactWriteError:
+                raise  # names the file and the fix; _finish_workflow adds how to resume
             except Exception as err:
                 raise RuntimeError(
                     f"Expected the converted `{self.submodule}` to export to {kind}, but it failed: {err}\n"
@@ -590,6 +664,21 @@ class QuantizationCallback(Callback):
                     f"`quantized_model` and {state_path!r}), or deploy it with hq_lightning.deploy."
                 ) from err
             self.exported_files[kind] = path
+
+
+def _resume_hint(trainer: pl.Trainer) -> str:
+    """What to do after the end of fit failed: the checkpoints hold everything to redo it."""
+    directories = sorted({cb.dirpath for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)})
+    if not directories:
+        return (
+            "No checkpoint was written (checkpointing is off): the trained model is still in this "
+            "process; enable checkpointing to be able to resume after such a failure."
+        )
+    return (
+        f"The checkpoints in {', '.join(map(repr, directories))} are kept: once there is space, resume "
+        "from the newest one (trainer.fit(module, ckpt_path=<it>); the app: resume_from=last) and "
+        "the conversion, validation and export run again."
+    )
 
 
 def _refuse_float_state(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
@@ -624,9 +713,40 @@ def _safe_len(loader: Any) -> int | None:
         return None
 
 
+class _RichTask:
+    """A calibration bar in the style of the trainer's RichProgressBar: a task of its live display
+    while it runs (two live displays cannot coexist), else a transient display of its own."""
+
+    def __init__(self, bar: RichProgressBar, total: int) -> None:
+        from rich.progress import Progress
+
+        progress = bar.progress
+        self._own = progress is None or not getattr(progress.live, "is_started", False)
+        self.progress = Progress(transient=True) if self._own else progress
+        if self._own:
+            self.progress.start()
+        self.task = self.progress.add_task("Calibration", total=total)
+
+    def update(self, advance: int) -> None:
+        self.progress.update(self.task, advance=advance)
+
+    def close(self) -> None:
+        if self._own:
+            self.progress.stop()
+        else:
+            self.progress.update(self.task, visible=False)
+
+
 def _progress(trainer: pl.Trainer, total: int):
-    if not trainer.is_global_zero or trainer.progress_bar_callback is None:
+    """A progress bar for calibration in the style of the trainer's (rich, tqdm, or none)."""
+    bar = trainer.progress_bar_callback
+    if not trainer.is_global_zero or bar is None or not bar.is_enabled:
         return None
+    if isinstance(bar, RichProgressBar):
+        return _RichTask(bar, total)
+    import sys
+
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="Calibration", leave=False, dynamic_ncols=True)
+    # the same stream as Lightning's TQDMProgressBar
+    return tqdm(total=total, desc="Calibration", leave=False, dynamic_ncols=True, file=sys.stdout)

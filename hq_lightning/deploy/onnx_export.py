@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hq_lightning.deploy.atomic_write import write_bytes_atomically
 from hq_lightning.deploy.torchscript_export import as_example_tuple
 
 __all__ = ["export_onnx", "run_onnx"]
@@ -58,11 +59,13 @@ def _failing_op(error: BaseException) -> str:
     return type(error).__name__
 
 
-def run_onnx(path: str | os.PathLike, *inputs: torch.Tensor) -> list[torch.Tensor]:
-    """Run an exported model with onnxruntime (CPU) and return its outputs as tensors."""
+def run_onnx(path: str | os.PathLike | bytes, *inputs: torch.Tensor) -> list[torch.Tensor]:
+    """Run an exported model (a file, or its serialised bytes) with onnxruntime (CPU) and return
+    its outputs as tensors."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
+    model = path if isinstance(path, bytes) else os.fspath(path)
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     feeds = {arg.name: x.detach().cpu().numpy() for arg, x in zip(session.get_inputs(), inputs)}
     return [torch.from_numpy(out) for out in session.run(None, feeds)]
 
@@ -91,7 +94,8 @@ def export_onnx(
     Args:
         model: a converted GraphModule or a stage of one (float inputs).
         example_inputs: one tensor or a tuple of positional inputs (the shapes are fixed).
-        path: output file (a single file: weights are embedded).
+        path: output file (a single file: weights are embedded), written atomically once the
+            check passed (the whole file or none of it, see :mod:`hq_lightning.deploy.atomic_write`).
         opset_version: ONNX opset (18 default).
         check: run the file with onnxruntime on ``example_inputs`` and compare with the model.
         atol: tolerance of that check for float outputs (0: bit for bit). Integer outputs are
@@ -106,6 +110,7 @@ def export_onnx(
     Raises:
         RuntimeError: an op cannot be exported (the message names it), or onnxruntime's output
             differs from the model's.
+        ArtefactWriteError: the file could not be written (full disk...); nothing was replaced.
     """
     args = as_example_tuple(example_inputs)
     model = model.eval()
@@ -118,10 +123,11 @@ def export_onnx(
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            torch.onnx.export(
+            # exported into memory: the file is written once, atomically, after the check passed
+            program = torch.onnx.export(
                 model,
                 args,
-                path,
+                None,
                 dynamo=True,
                 opset_version=opset_version,
                 external_data=False,
@@ -136,10 +142,11 @@ def export_onnx(
                 "Keep it out of the exported stage (split before it with `split_stages`, or wrap it "
                 f"as a CPU-side step). Exporter error: {str(error).splitlines()[0][:300]}"
             ) from error
+    data = program.model_proto.SerializeToString()
     if check:
         with torch.no_grad():
             expected = _flat_tensors(model(*args))
-        got = run_onnx(path, *[a for a in args if isinstance(a, torch.Tensor)])
+        got = run_onnx(data, *[a for a in args if isinstance(a, torch.Tensor)])
         if len(expected) != len(got):
             raise RuntimeError(
                 f"Expected the ONNX model to return {len(expected)} tensors, but got {len(got)}."
@@ -156,4 +163,4 @@ def export_onnx(
                     f"Expected onnxruntime's output {i} to equal the model's (atol {atol}), but it "
                     f"differs (shapes {tuple(e.shape)} vs {tuple(g.shape)}, max |diff| {diff})."
                 )
-    return path
+    return write_bytes_atomically(path, data)

@@ -15,12 +15,15 @@ Example:
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from typing import Any
 
 import torch
 from torch import nn
+
+from hq_lightning.deploy.atomic_write import write_bytes_atomically
 
 __all__ = ["export_torchscript", "outputs_equal", "as_example_tuple"]
 
@@ -65,7 +68,8 @@ def export_torchscript(
     Args:
         model: a converted GraphModule or a stage of one (float inputs).
         example_inputs: one tensor or a tuple of positional inputs.
-        path: where to ``torch.jit.save`` the traced module (``None``: don't save).
+        path: where to ``torch.jit.save`` the traced module (``None``: don't save); written
+            atomically (the whole file or none of it, see :mod:`hq_lightning.deploy.atomic_write`).
         check: run both on ``example_inputs`` and require bit-identical outputs.
 
     Returns:
@@ -74,12 +78,16 @@ def export_torchscript(
     Raises:
         RuntimeError: tracing failed (the message names the failing op) or the traced module
             differs from ``model`` on the example inputs.
+        ArtefactWriteError: the file could not be written (full disk...); nothing was replaced.
     """
     args = as_example_tuple(example_inputs)
     model = model.eval()
     with torch.no_grad(), warnings.catch_warnings():
         # converted models read static scales into Python numbers: constants of the trace by design
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        # TorchScript is the deployment format asked for here; torch's notice that it is
+        # deprecated in favour of torch.export says nothing about this model
+        warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", FutureWarning)
         try:
             traced = torch.jit.trace(model, args, check_trace=False, strict=False)
         except Exception as error:  # the tracer raises many types; name the op in one message
@@ -95,5 +103,11 @@ def export_torchscript(
                     "is frozen by tracing; wrap it out of the deployed stage)."
                 )
     if path is not None:
-        torch.jit.save(traced, os.fspath(path))
+        # serialised in memory, then written atomically: torch.jit.save aborts the whole process
+        # when it meets a full disk, and a half-written file must never look like a model
+        buffer = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", FutureWarning)
+            torch.jit.save(traced, buffer)
+        write_bytes_atomically(path, buffer.getvalue())
     return traced
