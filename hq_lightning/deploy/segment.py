@@ -48,8 +48,17 @@ from torch import fx, nn
 
 from hq_lightning.dtype import QuantDType, as_dtype
 from hq_lightning.nn.quantized import DeQuantize, Quantize
+from hq_lightning.utils.fx_helper import is_wrapped_callable
 
-__all__ = ["split_stages", "run_stages", "check_float_boundary"]
+__all__ = [
+    "auto_split_points",
+    "check_float_boundary",
+    "float_island_split_points",
+    "run_stages",
+    "split_at_points",
+    "split_stages",
+    "value_qparams",
+]
 
 
 @torch.fx.wrap
@@ -124,6 +133,96 @@ def _integer_qparams(node: fx.Node, model: fx.GraphModule) -> tuple[torch.Tensor
         node = first
 
 
+def value_qparams(node: fx.Node, model: fx.GraphModule) -> tuple[torch.Tensor, QuantDType] | None:
+    """Public form of the scale/dtype lookup: ``(scale, dtype)`` of an int8/int16 value, else ``None``.
+
+    Used by the deployment manifest to state each boundary value's scale.
+    """
+    return _integer_qparams(node, model)
+
+
+def float_island_split_points(model: fx.GraphModule) -> list[str]:
+    """Node names where a float island of the converted graph begins (CPU-side, float).
+
+    The hook through which ``at="auto"`` learns about float islands (parts of the model the
+    qconfig leaves in float inside the integer graph). The graph passes do not mark such islands
+    yet, so this returns ``[]``; once they do (a node meta key set by convert), return the first
+    node of each island here and :func:`auto_split_points` cuts there.
+    """
+    del model
+    return []
+
+
+def _is_inner_quant_stub(node: fx.Node, model: fx.GraphModule) -> bool:
+    """A converted QuantStub that does not read a model input: the chapter's split-point stub."""
+    if node.op != "call_module" or not isinstance(model.get_submodule(str(node.target)), Quantize):
+        return False
+    source = node.args[0] if node.args else None
+    return not (isinstance(source, fx.Node) and source.op == "placeholder")
+
+
+def _is_cpu_side_call(node: fx.Node) -> bool:
+    """A function or method kept out of the trace with ``fx_helper.wrap``: runs on the CPU."""
+    return node.op == "call_function" and is_wrapped_callable(node.target)
+
+
+def auto_split_points(model: fx.GraphModule) -> list[str]:
+    """The split points ``split_stages(model, at="auto")`` uses, in forward order.
+
+    The chapter marks a stage boundary with a ``QuantStub(scale=None)`` right after the split
+    point, and keeps CPU-side steps out of the trace with ``wrap``. So:
+
+    * every inner converted QuantStub (one that does not read a model input) starts an integer
+      (BPU) stage;
+    * the first of each run of wrapped CPU-side calls (and of each float island, see
+      :func:`float_island_split_points`) starts a float (CPU) stage; further CPU-side calls
+      before the next QuantStub stay in that stage.
+
+    Returns:
+        Split-point names for ``split_stages`` (module paths of stubs, node names of calls);
+        empty when the model has none (it deploys as one stage).
+
+    Example:
+        >>> import torch
+        >>> from hq_lightning.quantization import QuantStub, DeQuantStub, prepare_qat_fx, convert_fx
+        >>> from hq_lightning.quantization.qconfig import default_qat_8bit_fake_quant_qconfig
+        >>> class Net(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.quant, self.dequant = QuantStub(), DeQuantStub()
+        ...         self.conv1, self.conv2 = torch.nn.Conv2d(3, 4, 1), torch.nn.Conv2d(4, 2, 1)
+        ...         self.split, self.dequant2 = QuantStub(scale=None), DeQuantStub()
+        ...     def forward(self, x):
+        ...         y = self.dequant(self.conv1(self.quant(x)))
+        ...         return self.dequant2(self.conv2(self.split(y)))
+        >>> qat = prepare_qat_fx(Net(), {"": default_qat_8bit_fake_quant_qconfig})
+        >>> _ = qat(torch.rand(2, 3, 4, 4))
+        >>> auto_split_points(convert_fx(qat))
+        ['split']
+    """
+    if not isinstance(model, fx.GraphModule):
+        raise TypeError(
+            f"Expected `model` to be a converted torch.fx.GraphModule, but got {type(model).__name__}."
+        )
+    islands = set(float_island_split_points(model))
+    points: list[str] = []
+    on_cpu = False
+    started = False  # a cut before the first computing node would leave an empty stage
+    for node in model.graph.nodes:
+        if node.op in ("placeholder", "output", "get_attr"):
+            continue
+        if _is_inner_quant_stub(node, model):
+            if started:
+                points.append(str(node.target))
+            on_cpu = False
+        elif _is_cpu_side_call(node) or node.name in islands:
+            if started and not on_cpu:
+                points.append(node.name)
+            on_cpu = True
+        started = True
+    return points
+
+
 def _split_indices(nodes: list[fx.Node], model: fx.GraphModule, at: Sequence[str]) -> list[int]:
     by_name = {n.name: i for i, n in enumerate(nodes)}
     by_target = {
@@ -153,7 +252,9 @@ def split_stages(model: fx.GraphModule, at: Sequence[str] | str) -> list[fx.Grap
     Args:
         model: a converted GraphModule (not modified; the stages hold copies of its modules).
         at: split points in forward order: QuantStub module paths (``"quant_roi"``) or node names
-            of the graph (e.g. a wrapped CPU-side function, ``"decode_topk_boxes"``).
+            of the graph (e.g. a wrapped CPU-side function, ``"decode_topk_boxes"``); or
+            ``"auto"``: the points :func:`auto_split_points` finds (every inner QuantStub, the
+            start of every run of wrapped CPU-side calls); none found gives one stage.
 
     Returns:
         GraphModules, one per stage. Each has ``stage_inputs`` (names of the values it takes, in
@@ -169,9 +270,23 @@ def split_stages(model: fx.GraphModule, at: Sequence[str] | str) -> list[fx.Grap
         raise TypeError(
             f"Expected `model` to be a converted torch.fx.GraphModule, but got {type(model).__name__}."
         )
-    points = [at] if isinstance(at, str) else list(at)
-    if not points:
-        raise ValueError("Expected `at` to name at least one split point, but got none.")
+    if isinstance(at, str) and at == "auto":
+        points = auto_split_points(model)
+    else:
+        points = [at] if isinstance(at, str) else list(at)
+        if not points:
+            raise ValueError(
+                "Expected `at` to name at least one split point (or be 'auto'), but got none."
+            )
+    return split_at_points(model, points)
+
+
+def split_at_points(model: fx.GraphModule, points: Sequence[str]) -> list[fx.GraphModule]:
+    """:func:`split_stages` with an explicit (possibly empty: one stage) list of split points."""
+    if not isinstance(model, fx.GraphModule):
+        raise TypeError(
+            f"Expected `model` to be a converted torch.fx.GraphModule, but got {type(model).__name__}."
+        )
     model = copy.deepcopy(model)
     nodes = list(model.graph.nodes)
     cuts = _split_indices(nodes, model, points)
