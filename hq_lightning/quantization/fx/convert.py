@@ -61,6 +61,7 @@ from torch import fx, nn
 from hq_lightning.dtype import QuantDType, as_dtype
 from hq_lightning.quantization.fake_quantize import FakeQuantize
 from hq_lightning.quantization.fx import convert_mapping as mapping
+from hq_lightning.quantization.fx import qat_mapping
 
 __all__ = ["NON_TENSOR", "QParams", "convert_fx", "propagate_qparams"]
 
@@ -230,7 +231,7 @@ def _unsupported(node: fx.Node, what: str) -> RuntimeError:
         f"Expected every op on an integer tensor to have an integer conversion, but got {what} "
         f"(node `{node.name}`) fed by a quantized tensor. Keep it outside the QuantStub/DeQuantStub "
         "region (insert a DeQuantStub before it), give it a qconfig so it is prepared, or register "
-        "an integer builder in hq_lightning.quantization.fx.convert_mapping."
+        "an op with an integer builder in the operator registry (hq_lightning.quantization.ops.register_op)."
     )
 
 
@@ -257,7 +258,7 @@ def _module_output(node: fx.Node, module: nn.Module, inputs: list[Any]) -> Any:
                 return None  # an unprepared stub (qconfig None): part of the float model
             raise _unsupported(node, f"unprepared QuantStub `{node.target}`")
         return _fake_quant_qparams(fake_quant)
-    if type(module) in mapping.QAT_MODULE_BUILDERS:
+    if mapping.is_qat_module(module):
         if quantized is None:
             raise RuntimeError(
                 f"Expected the input of QAT module `{node.target}` ({type(module).__name__}) to be "
@@ -273,7 +274,7 @@ def _module_output(node: fx.Node, module: nn.Module, inputs: list[Any]) -> Any:
             "quant, but it has none (only a Conv/Linear may have a high-precision output)."
         )
     if mapping.is_scale_preserving_module(module):
-        return _check_elementwise(node, quantized, isinstance(module, mapping.ELEMENTWISE_MODULES))
+        return _check_elementwise(node, quantized, mapping.is_elementwise(node.op, None, module))
     if quantized is not None:
         raise _unsupported(node, f"module `{node.target}` of type {type(module).__name__}")
     return None
@@ -290,8 +291,8 @@ def _function_output(node: fx.Node, inputs: list[Any]) -> Any:
     if not quantized:
         # arithmetic on sizes stays a non-tensor; anything touching a float tensor is float
         return NON_TENSOR if inputs and all(q is NON_TENSOR for q in inputs) else None
-    if target in mapping.SCALE_PRESERVING_FUNCTIONS or target in mapping.FUNCTION_BUILDERS:
-        return _check_elementwise(node, quantized[0], target in mapping.ELEMENTWISE_FUNCTIONS)
+    if qat_mapping.is_scale_preserving_function(target):
+        return _check_elementwise(node, quantized[0], mapping.is_elementwise(node.op, target))
     raise _unsupported(node, f"function {getattr(target, '__name__', target)!r}")
 
 
@@ -303,7 +304,7 @@ def _method_output(node: fx.Node, inputs: list[Any], modules: dict[str, nn.Modul
         quantized = [q for q in inputs[1:] if isinstance(q, QParams)]
         if not quantized:
             return None  # a FloatFunctional of the float part of the model
-        if method not in mapping.FLOAT_FUNCTIONAL_BUILDERS:
+        if mapping.functional_builder(method) is None:
             raise _unsupported(node, f"FloatFunctional method {method!r} of `{path}`")
         fake_quant = getattr(module, "activation_post_process", None)
         if not isinstance(fake_quant, FakeQuantize):
@@ -317,8 +318,8 @@ def _method_output(node: fx.Node, inputs: list[Any], modules: dict[str, nn.Modul
     quantized = [q for q in inputs if isinstance(q, QParams)]
     if not quantized:
         return None
-    if node.target in mapping.SCALE_PRESERVING_METHODS:
-        return _check_elementwise(node, quantized[0], node.target in mapping.ELEMENTWISE_METHODS)
+    if qat_mapping.is_scale_preserving_method(node.target):
+        return _check_elementwise(node, quantized[0], mapping.is_elementwise(node.op, node.target))
     raise _unsupported(node, f"tensor method {node.target!r}")
 
 
@@ -393,17 +394,17 @@ def _replace_modules(model: fx.GraphModule, env: dict[fx.Node, Any]) -> None:
             functional_uses[path] = uses + 1
             new_path = path if uses == 0 else _fresh_path(model, path)
             ctx = ConvertContext(module, node, new_path, inputs[1:], env[node])
-            _set_module(model, new_path, mapping.FLOAT_FUNCTIONAL_BUILDERS[str(node.target)](ctx))
+            _set_module(model, new_path, mapping.functional_builder(str(node.target))(ctx))
             if uses:
                 with graph.inserting_before(node):
                     owner = graph.get_attr(new_path)
                 node.args = (owner, *node.args[1:])
-        elif node.op == "call_function" and quantized and node.target in mapping.FUNCTION_BUILDERS:
+        elif node.op == "call_function" and quantized and mapping.function_builder(node.target) is not None:
             base = node.meta.get("hq_module_path") or ""
             name = f"{base}.{node.name}" if base else node.name
             new_path = _fresh_path(model, name.replace(".", "_"))
             ctx = ConvertContext(None, node, new_path, inputs, env[node])
-            _set_module(model, new_path, mapping.FUNCTION_BUILDERS[node.target](ctx))
+            _set_module(model, new_path, mapping.function_builder(node.target)(ctx))
             with graph.inserting_before(node):
                 new_node = graph.call_module(new_path, _tensor_args(node), {})
             new_node.meta.update(node.meta)

@@ -4,9 +4,10 @@
   ``call_method(<op>, (get_attr("_generated_<op>_<i>"), *args), kwargs)`` on a new
   :class:`~hq_lightning.nn.quantized.FloatFunctional` submodule (counters per op, in graph order).
   A Python-number operand maps to ``add_scalar`` / ``mul_scalar`` (``x - c`` to ``add_scalar(x, -c)``).
-- Functional pooling / resizing on activations becomes a generated module called with ``(x,)``:
+- Function and Tensor-method spellings of registered module ops become a generated module
+  called with ``(x,)``, as the op's registry entry says (:class:`~hq_lightning.quantization.ops.Spelling`):
   ``F.avg_pool2d`` -> ``nn.AvgPool2d`` (``_generated_avg_pool2d_<i>``), ``F.adaptive_avg_pool2d``
-  -> ``nn.AdaptiveAvgPool2d``, ``F.interpolate`` / ``F.upsample`` -> ``nn.Upsample``.
+  -> ``nn.AdaptiveAvgPool2d``, ``F.interpolate`` / ``F.upsample`` -> ``nn.Upsample``...
 - Scale-preserving calls (``F.relu``, ``F.relu6``, ``torch.flatten``, ``reshape``/``view``/``permute``
   /``transpose``/``contiguous``/``squeeze``/``unsqueeze``, indexing, ``max_pool2d``) stay as they are.
 - Operations on non-tensors (shapes, sizes, Python ints) are left alone: a node is a tensor when
@@ -16,7 +17,8 @@
 
 Every generated module gets ``_hq_owner_path``: the path of the module whose forward contained the
 operator (also stored on the node as ``meta["hq_module_path"]``), which decides its qconfig.
-The tables below are data: add a row to support another operator.
+Which spelling becomes what is read from the operator registry (:mod:`hq_lightning.quantization.ops`):
+register an op there to support another spelling.
 
 Example:
     >>> import torch
@@ -40,36 +42,21 @@ from __future__ import annotations
 
 import builtins
 import operator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from hq_lightning.nn.quantized.float_functional import FLOAT_FUNCTIONAL_METHODS, FloatFunctional
+from hq_lightning.quantization import ops
 from hq_lightning.quantization.fx.graph_module import QuantGraphModule
+from hq_lightning.quantization.ops import OpKind
 
-__all__ = [
-    "BINARY_OPS",
-    "LIST_OPS",
-    "REDUCE_OPS",
-    "MODULE_OPS",
-    "ModuleOp",
-    "generate_functional_modules",
-    "tensor_nodes",
-]
+__all__ = ["SCALAR_OPS", "generate_functional_modules", "tensor_nodes"]
 
 # --- the tables ------------------------------------------------------------------------------
-#: Binary operators: call_function target or Tensor method name -> FloatFunctional method.
-BINARY_OPS: dict[Any, str] = {
-    operator.add: "add", operator.iadd: "add", torch.add: "add", "add": "add",
-    operator.sub: "sub", operator.isub: "sub", torch.sub: "sub", "sub": "sub",
-    operator.mul: "mul", operator.imul: "mul", torch.mul: "mul", "mul": "mul",
-    operator.matmul: "matmul", torch.matmul: "matmul", "matmul": "matmul",
-    torch.maximum: "maximum", "maximum": "maximum",
-    torch.minimum: "minimum", "minimum": "minimum",
-}  # fmt: skip
+# Which spellings become which FloatFunctional method or generated module is read from the
+# operator registry (hq_lightning.quantization.ops); only the shape of the scalar forms is here.
 #: Binary methods with a Python-number operand: method -> (scalar method, sign of the scalar,
 #: whether the scalar may come first).
 SCALAR_OPS: dict[str, tuple[str, float, bool]] = {
@@ -77,59 +64,7 @@ SCALAR_OPS: dict[str, tuple[str, float, bool]] = {
     "mul": ("mul_scalar", 1.0, True),
     "sub": ("add_scalar", -1.0, False),
 }
-#: Operators on a list of tensors: target -> FloatFunctional method (``dim`` defaults to 0).
-LIST_OPS: dict[Any, str] = {
-    torch.cat: "cat", torch.concat: "cat", torch.concatenate: "cat", torch.stack: "stack",
-}  # fmt: skip
-#: Reductions ``(x, dim=None, keepdim=False)``: target or Tensor method -> FloatFunctional method.
-REDUCE_OPS: dict[Any, str] = {torch.mean: "mean", "mean": "mean", torch.sum: "sum", "sum": "sum"}
 
-
-@dataclass(frozen=True)
-class ModuleOp:
-    """A functional call turned into a module: ``module_type(**constructor arguments)``."""
-
-    name: str
-    module_type: type[nn.Module]
-    params: tuple[str, ...]  # positional parameter names after the input, in order
-    defaults: dict[str, Any] = field(default_factory=dict)
-    fixed: dict[str, Any] = field(default_factory=dict)  # must hold to convert (else left alone)
-
-
-_AVG_POOL2D = ModuleOp(
-    "avg_pool2d",
-    nn.AvgPool2d,
-    ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"),
-    {
-        "stride": None,
-        "padding": 0,
-        "ceil_mode": False,
-        "count_include_pad": True,
-        "divisor_override": None,
-    },
-)
-_ADAPTIVE_AVG_POOL2D = ModuleOp("adaptive_avg_pool2d", nn.AdaptiveAvgPool2d, ("output_size",))
-_UPSAMPLE_PARAMS = (
-    "size",
-    "scale_factor",
-    "mode",
-    "align_corners",
-    "recompute_scale_factor",
-    "antialias",
-)
-_UPSAMPLE_DEFAULTS = {
-    "size": None, "scale_factor": None, "mode": "nearest", "align_corners": None,
-    "recompute_scale_factor": None, "antialias": False,
-}  # fmt: skip
-#: Functional calls turned into generated modules: call_function target -> rule.
-MODULE_OPS: dict[Any, ModuleOp] = {
-    F.avg_pool2d: _AVG_POOL2D,
-    F.adaptive_avg_pool2d: _ADAPTIVE_AVG_POOL2D,
-    F.interpolate: ModuleOp(
-        "interpolate", nn.Upsample, _UPSAMPLE_PARAMS, _UPSAMPLE_DEFAULTS, {"antialias": False}
-    ),
-    F.upsample: ModuleOp("upsample", nn.Upsample, _UPSAMPLE_PARAMS[:-1], _UPSAMPLE_DEFAULTS),
-}
 
 #: Tensor methods / attributes whose result is not a tensor.
 NON_TENSOR_METHODS = frozenset(
@@ -222,9 +157,9 @@ class _Generator:
         node.replace_all_uses_with(new)
         graph.erase_node(node)
 
-    def module_call(self, node: fx.Node, rule: ModuleOp, x: fx.Node, ctor: dict) -> None:
+    def module_call(self, node: fx.Node, op_name: str, module: nn.Module, x: fx.Node) -> None:
         path = node.meta.get("hq_module_path", "")
-        name = self.new_module(rule.name, rule.module_type(**ctor), path)
+        name = self.new_module(op_name, module, path)
         with self.gm.graph.inserting_before(node):
             new = self.gm.graph.call_module(name, (x,))
         new.meta["hq_module_path"] = path
@@ -241,29 +176,32 @@ def _op_key(node: fx.Node) -> Any:
     return None
 
 
-def _bind(rule: ModuleOp, args: tuple, kwargs: dict) -> dict[str, Any] | None:
-    bound = dict(rule.defaults)
-    if len(args) > len(rule.params):
-        return None
-    bound.update(zip(rule.params, args))
-    for key, value in kwargs.items():
-        if key not in rule.params:
-            return None
-        bound[key] = value
-    if any(isinstance(v, fx.Node) for v in bound.values()):
-        return None  # dynamic arguments cannot become module attributes
-    for key, value in rule.fixed.items():
-        if bound.get(key) != value:
-            return None
-    return {k: v for k, v in bound.items() if k not in rule.fixed}
+def _functional_spec(node: fx.Node) -> ops.OpSpec | None:
+    key = _op_key(node)
+    spec = ops.lookup_function(key) if node.op == "call_function" else ops.lookup_method(key)
+    return spec if spec is not None and spec.kind is OpKind.FUNCTIONAL else None
 
 
 def _rewrite(gen: _Generator, node: fx.Node, tensors: set[fx.Node]) -> None:
     key = _op_key(node)
     if node.op == "call_method" and (not node.args or node.args[0] not in tensors):
         return  # a method of a module (e.g. FloatFunctional.add) or of a non-tensor
-    if key in BINARY_OPS and not node.kwargs and len(node.args) == 2:
-        method = BINARY_OPS[key]
+    spec = _functional_spec(node)
+    if spec is not None:
+        _rewrite_functional(gen, node, tensors, spec)
+        return
+    for op, spelling in ops.lookup_spelling(key):
+        bound = spelling.bind(tuple(node.args), dict(node.kwargs))
+        if bound is None or bound[0] not in tensors:
+            continue
+        x, ctor = bound
+        gen.module_call(node, spelling.generated_name(), op.build_module(spelling, ctor), x)
+        return
+
+
+def _rewrite_functional(gen: _Generator, node: fx.Node, tensors: set[fx.Node], spec: ops.OpSpec) -> None:
+    method = spec.functional[0]
+    if spec.form == "binary" and not node.kwargs and len(node.args) == 2:
         a, b = node.args
         a_t, b_t = a in tensors, b in tensors
         if a_t and b_t:
@@ -275,7 +213,7 @@ def _rewrite(gen: _Generator, node: fx.Node, tensors: set[fx.Node]) -> None:
             elif commutes:
                 gen.float_functional_call(node, scalar_method, (b, a), {})
         return
-    if node.op == "call_function" and key in LIST_OPS:
+    if spec.form == "list" and node.op == "call_function":
         tensors_arg = node.args[0] if node.args else node.kwargs.get("tensors")
         extra = {k: v for k, v in node.kwargs.items() if k != "tensors"}
         dim = node.args[1] if len(node.args) > 1 else extra.pop("dim", 0)
@@ -283,9 +221,9 @@ def _rewrite(gen: _Generator, node: fx.Node, tensors: set[fx.Node]) -> None:
             return
         if not tensors_arg or not all(t in tensors for t in tensors_arg):
             return
-        gen.float_functional_call(node, LIST_OPS[key], (list(tensors_arg),), {"dim": dim})
+        gen.float_functional_call(node, method, (list(tensors_arg),), {"dim": dim})
         return
-    if key in REDUCE_OPS and node.args and node.args[0] in tensors:
+    if spec.form == "reduce" and node.args and node.args[0] in tensors:
         names = ("dim", "keepdim")
         values = dict(zip(names, node.args[1:]))
         if len(node.args) > 3 or any(k not in names for k in node.kwargs):
@@ -294,17 +232,7 @@ def _rewrite(gen: _Generator, node: fx.Node, tensors: set[fx.Node]) -> None:
         if any(isinstance(v, fx.Node) for v in values.values()):
             return
         kwargs = {"dim": values.get("dim"), "keepdim": values.get("keepdim", False)}
-        gen.float_functional_call(node, REDUCE_OPS[key], (node.args[0],), kwargs)
-        return
-    if node.op == "call_function" and key in MODULE_OPS:
-        args = node.args
-        x = args[0] if args else node.kwargs.get("input")
-        if x not in tensors:
-            return
-        kwargs = {k: v for k, v in node.kwargs.items() if k != "input"}
-        ctor = _bind(MODULE_OPS[key], tuple(args[1:]), kwargs)
-        if ctor is not None:
-            gen.module_call(node, MODULE_OPS[key], x, ctor)
+        gen.float_functional_call(node, method, (node.args[0],), kwargs)
 
 
 def _swap_torch_float_functionals(gm: QuantGraphModule) -> None:

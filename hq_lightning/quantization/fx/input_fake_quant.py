@@ -63,10 +63,10 @@ def producer_fake_quant(node: Any, modules: dict[str, nn.Module]) -> FakeQuantiz
                 module = modules.get(str(owner.target))
                 fake_quant = getattr(module, "activation_post_process", None)
                 return fake_quant if isinstance(module, qat.FloatFunctional) and isinstance(fake_quant, FakeQuantize) else None
-            if node.target not in qat_mapping.SCALE_PRESERVING_METHODS:
+            if not qat_mapping.is_scale_preserving_method(node.target):
                 return None
         elif node.op == "call_function":
-            if node.target not in qat_mapping.SCALE_PRESERVING_FUNCTIONS:
+            if not qat_mapping.is_scale_preserving_function(node.target):
                 return None
         else:
             return None

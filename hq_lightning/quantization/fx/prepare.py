@@ -171,7 +171,9 @@ def _owner_paths(graph_module: fx.GraphModule) -> dict[str, str]:
 
 
 def _is_qat_module(module: nn.Module) -> bool:
-    return type(module).__module__.startswith("hq_lightning.nn.qat")
+    from hq_lightning.quantization.fx.convert_mapping import is_qat_module
+
+    return type(module).__module__.startswith("hq_lightning.nn.qat") or is_qat_module(module)
 
 
 def _swap_modules(module: nn.Module, prefix: str, qconfig_of: Any, resolved: dict[str, Any], memo: dict[int, nn.Module]) -> None:
@@ -270,7 +272,7 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module], qconfigs: dict[str, 
                 return "float"
         if target in qat_mapping.NON_TENSOR_METHODS:
             return "float"
-        if target in qat_mapping.SCALE_PRESERVING_METHODS:
+        if qat_mapping.is_scale_preserving_method(target):
             return "quantized"
         return "unsupported"
     if node.op == "call_function":
@@ -279,7 +281,7 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module], qconfigs: dict[str, 
             return "float"  # the user took it out of the graph: its insides are theirs
         if target is builtins.getattr:
             return "float" if len(node.args) > 1 and node.args[1] in qat_mapping.NON_TENSOR_METHODS else "quantized"
-        if target in qat_mapping.SCALE_PRESERVING_FUNCTIONS:
+        if qat_mapping.is_scale_preserving_function(target):
             return "quantized"
         return "unsupported"
     return "quantized"

@@ -1,11 +1,12 @@
-"""Which float / fused module becomes which QAT module, and what needs no QAT module, as data.
+"""What prepare does with each module, read from the operator registry (:mod:`hq_lightning.quantization.ops`).
 
-- :data:`FLOAT_TO_QAT`: float module type -> QAT class (``from_float(mod, qconfig)``).
+- A float module matching a ``weighted`` or ``requantize`` registry entry becomes that entry's QAT
+  class (``from_float(mod, qconfig)``).
 - Fused ``nn.intrinsic`` modules (attributes ``conv``, optional ``bn`` / ``relu``, add flag) map by
   the type of their ``conv``: a ``ConvBNAddReLU2d`` around an ``nn.Conv2d`` becomes a
   ``qat.Conv2d`` carrying the BN / add / ReLU.
-- Scale-preserving modules, functions and tensor methods keep their input scale, get no fake
-  quant and stay as they are; nearest ``Upsample`` is one of them.
+- ``preserve`` entries (and ``requantize`` entries' ``preserve_when`` instances, e.g. nearest
+  ``Upsample``) keep their input scale, get no fake quant and stay as they are.
 
 Example:
     >>> import torch
@@ -17,105 +18,25 @@ Example:
 
 from __future__ import annotations
 
-import operator
+from typing import Any
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hq_lightning.nn import qat
+from hq_lightning.quantization import ops
+from hq_lightning.quantization.ops import OpKind
 from hq_lightning.quantization.stubs import is_dequant_stub, is_quant_stub
 
 __all__ = [
-    "FLOAT_TO_QAT",
     "NON_TENSOR_METHODS",
-    "SCALE_PRESERVING_FUNCTIONS",
-    "SCALE_PRESERVING_METHODS",
-    "SCALE_PRESERVING_MODULES",
     "is_dequant",
     "is_fused_module",
     "is_quant",
     "is_scale_preserving",
+    "is_scale_preserving_function",
+    "is_scale_preserving_method",
     "qat_class_for",
 ]
-
-FLOAT_TO_QAT: dict[type[nn.Module], type[nn.Module]] = {
-    nn.Conv1d: qat.Conv1d,
-    nn.Conv2d: qat.Conv2d,
-    nn.Conv3d: qat.Conv3d,
-    nn.ConvTranspose2d: qat.ConvTranspose2d,
-    nn.Linear: qat.Linear,
-    nn.AvgPool2d: qat.AvgPool2d,
-    nn.AdaptiveAvgPool2d: qat.AdaptiveAvgPool2d,
-    nn.Upsample: qat.Upsample,
-}
-
-SCALE_PRESERVING_MODULES: tuple[type[nn.Module], ...] = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.MaxPool3d,
-    nn.AdaptiveMaxPool2d,
-    nn.Identity,
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.Flatten,
-    nn.Unflatten,
-    nn.PixelShuffle,
-    nn.PixelUnshuffle,
-    nn.ZeroPad2d,
-)
-
-SCALE_PRESERVING_FUNCTIONS = frozenset(
-    {
-        torch.flatten,
-        torch.reshape,
-        torch.permute,
-        torch.transpose,
-        torch.squeeze,
-        torch.unsqueeze,
-        torch.relu,
-        torch.chunk,
-        torch.split,
-        F.relu,
-        F.relu6,
-        F.max_pool1d,
-        F.max_pool2d,
-        F.max_pool3d,
-        F.adaptive_max_pool2d,
-        F.dropout,
-        F.pixel_shuffle,
-        F.pixel_unshuffle,
-        operator.getitem,
-    }
-)
-
-SCALE_PRESERVING_METHODS = frozenset(
-    {
-        "view",
-        "view_as",
-        "reshape",
-        "reshape_as",
-        "flatten",
-        "permute",
-        "transpose",
-        "contiguous",
-        "squeeze",
-        "unsqueeze",
-        "relu",
-        "chunk",
-        "split",
-        "expand",
-        "expand_as",
-        "repeat",
-        "detach",
-        "clone",
-        "__getitem__",
-    }
-)
 
 #: Tensor methods / attributes whose result is no tensor (shapes, counts).
 NON_TENSOR_METHODS = frozenset({"size", "dim", "numel", "shape", "ndim", "dtype", "device", "__len__"})
@@ -130,9 +51,22 @@ def is_fused_module(module: nn.Module) -> bool:
 
 def is_scale_preserving(module: nn.Module) -> bool:
     """True for modules that keep their input's scale (no fake quant, stay float)."""
-    if isinstance(module, nn.Upsample):
-        return module.mode == "nearest"
-    return isinstance(module, SCALE_PRESERVING_MODULES)
+    if is_quant(module) or is_dequant(module):
+        return False
+    spec = ops.lookup_module(module)
+    return spec is not None and spec.preserves_scale(module)
+
+
+def is_scale_preserving_function(target: Any) -> bool:
+    """A ``call_function`` target that runs on quantized tensors as it is, keeping the scale."""
+    spec = ops.lookup_function(target)
+    return spec is not None and spec.kind is OpKind.PRESERVE
+
+
+def is_scale_preserving_method(name: Any) -> bool:
+    """A Tensor method that runs on quantized tensors as it is, keeping the scale."""
+    spec = ops.lookup_method(name)
+    return spec is not None and spec.kind is OpKind.PRESERVE
 
 
 def _float_functional_qat_class(module: nn.Module) -> type[nn.Module] | None:
@@ -151,6 +85,13 @@ def is_dequant(module: nn.Module) -> bool:
     return isinstance(module, qat.DeQuantStub) or is_dequant_stub(module)
 
 
+def _requantizing_qat_class(module_or_type: Any) -> type[nn.Module] | None:
+    spec = ops.lookup_module(module_or_type)
+    if spec is None or spec.kind not in (OpKind.WEIGHTED, OpKind.REQUANTIZE):
+        return None
+    return spec.qat
+
+
 def qat_class_for(module: nn.Module) -> type[nn.Module] | None:
     """The QAT class replacing ``module``, or ``None`` when it stays as it is."""
     if is_quant_stub(module):
@@ -160,8 +101,10 @@ def qat_class_for(module: nn.Module) -> type[nn.Module] | None:
     if is_scale_preserving(module):
         return None
     if is_fused_module(module):
-        return FLOAT_TO_QAT.get(type(module.conv))
+        return _requantizing_qat_class(type(module.conv))
     functional = _float_functional_qat_class(module)
     if functional is not None:
         return functional
-    return FLOAT_TO_QAT.get(type(module))
+    if type(module).__module__.startswith("hq_lightning.nn.qat"):
+        return None  # prepared already
+    return _requantizing_qat_class(module)

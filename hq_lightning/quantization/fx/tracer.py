@@ -5,8 +5,9 @@ What it adds to ``torch.fx.Tracer``:
 - Leaves (recorded as one ``call_module``, never traced into): torch.nn modules except
   ``Sequential``, every module class of ``hq_lightning.nn`` (FloatFunctional, nn.intrinsic,
   nn.qat, nn.quantized), our and torch's ``QuantStub``/``DeQuantStub``, torch's
-  ``FloatFunctional``, classes decorated with :func:`hq_lightning.utils.fx_helper.wrap` and
-  module types named in the fusion table (``register_fusion_pattern``).
+  ``FloatFunctional``, classes decorated with :func:`hq_lightning.utils.fx_helper.wrap`, module
+  types named in the fusion table (``register_fusion_pattern``) and module types with an
+  operator-registry entry (``hq_lightning.quantization.ops.register_op``).
 - ``wrap``: functions (string or decorator form) and methods become one ``call_function``; a
   wrapped method's ``self`` is ``get_attr("_hq_root")`` for the root, or ``get_attr(<path>)``.
 - FloatFunctional methods (ours, and torch's, recognised by class name) become
@@ -85,6 +86,13 @@ def _in_fusion_table(module: nn.Module) -> bool:
     return any(cls in key for key in FUSION_PATTERNS)
 
 
+def _in_op_registry(module: nn.Module) -> bool:
+    # A module type with an operator-registry entry is one op: prepare and convert replace it whole.
+    from hq_lightning.quantization import ops
+
+    return ops.lookup_module(module) is not None
+
+
 def _is_torch_float_functional(module: object) -> bool:
     cls = type(module)
     return cls.__name__ == "FloatFunctional" and cls.__module__.startswith(_TORCH_FF_MODULES)
@@ -127,7 +135,7 @@ class QuantizationTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if fx_helper.is_wrapped_module_class(m) or is_quant_stub(m) or is_dequant_stub(m):
             return True
-        if is_float_functional(m) or _in_fusion_table(m):
+        if is_float_functional(m) or _in_fusion_table(m) or _in_op_registry(m):
             return True
         module_name = type(m).__module__
         if module_name.startswith("hq_lightning.nn"):
