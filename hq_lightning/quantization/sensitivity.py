@@ -59,7 +59,14 @@ from hq_lightning.quantization.qconfig import (
 )
 from hq_lightning.quantization.state import FakeQuantState, set_fake_quantize
 
-__all__ = ["LayerSensitivity", "SensitivityReport", "layer_sensitivity"]
+__all__ = [
+    "Int16Decision",
+    "LayerSensitivity",
+    "SensitivityReport",
+    "auto_int16",
+    "layer_sensitivity",
+    "promote_to_int16",
+]
 
 #: Named metrics; for each, whether a larger value means a larger degradation.
 METRICS = {"sqnr": False, "mse": True, "cosine": False}
@@ -547,4 +554,240 @@ def layer_sensitivity(
         kind="calibration" if any(isinstance(fq, CalibFakeQuantize) for fq in fake_quants) else "qat",
         num_batches=len(batches),
         fusion_renamed=_fusion_renamed(prepared_model),
+    )
+
+
+# --------------------------------------------------------------------------- sensitivity-driven int16
+
+
+@dataclass(frozen=True)
+class Int16Decision:
+    """What :func:`auto_int16` measured and promoted.
+
+    Attributes:
+        promoted: prepared paths of the layers whose output fake quant became int16, in order.
+        ranking: the sensitivity report the choice was made from (``mode="only"``, SQNR).
+        sqnr_before: SQNR (dB) of the whole fake-quantized model output vs float, before.
+        sqnr_after: the same after the promotions.
+        steps: ``(path, model SQNR after promoting it)`` for each promotion.
+        sqnr_floor: the target (``None``: promote ``max_layers``).
+        max_layers: the most layers it could promote.
+        reason: why it stopped.
+    """
+
+    promoted: tuple[str, ...]
+    ranking: SensitivityReport
+    sqnr_before: float
+    sqnr_after: float
+    steps: tuple[tuple[str, float], ...]
+    sqnr_floor: float | None
+    max_layers: int
+    reason: str
+
+    def to_markdown(self) -> str:
+        """The decision as Markdown (for the report)."""
+        target = "none" if self.sqnr_floor is None else f"{self.sqnr_floor:g} dB"
+        lines = [
+            "## Auto int16",
+            "",
+            f"Target: model-output SQNR floor {target}, at most {self.max_layers} layer(s). "
+            f"Stopped: {self.reason}.",
+            "",
+            f"Model-output SQNR (fake quant vs float): before {_format(self.sqnr_before)} dB, "
+            f"after {_format(self.sqnr_after)} dB.",
+            "",
+            "| step | layer promoted to int16 | SQNR with only this layer int8-quantized | model SQNR after |",
+            "|---:|---|---:|---:|",
+        ]
+        only = {row.path: row.value for row in self.ranking}
+        for step, (path, value) in enumerate(self.steps, 1):
+            lines.append(f"| {step} | `{path}` | {_format(only.get(path, math.nan))} | {_format(value)} |")
+        if not self.steps:
+            lines.append("| - | (none) | - | - |")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        def number(v: float) -> float | str | None:
+            return None if math.isnan(v) else (str(v) if math.isinf(v) else v)
+
+        return {
+            "promoted": list(self.promoted),
+            "sqnr_before": number(self.sqnr_before),
+            "sqnr_after": number(self.sqnr_after),
+            "steps": [[p, number(v)] for p, v in self.steps],
+            "sqnr_floor": self.sqnr_floor,
+            "max_layers": self.max_layers,
+            "reason": self.reason,
+        }
+
+
+def promote_to_int16(model: nn.Module, paths: Iterable[str], *, recompute_scale: bool = True) -> list[str]:
+    """Make the output fake quant of each layer in ``paths`` int16, in place.
+
+    Only dtypes change: no module, parameter or buffer is added or removed, so an optimizer, DDP
+    and a strict ``load_state_dict`` keep working. The observer keeps its statistics and the
+    scale is recomputed from them for int16 (``recompute_scale=False`` keeps the current scale,
+    e.g. one just loaded from an int16 checkpoint).
+
+    Args:
+        model: a prepared model.
+        paths: layer paths (modules owning an ``activation_post_process`` FakeQuantize).
+        recompute_scale: recompute each scale from its observer.
+
+    Returns:
+        the paths promoted (already int16 ones included).
+
+    Raises:
+        ValueError: a path without an output fake quant, or a fake quant built for a march
+            without int16 (BERNOULLI, BERNOULLI2).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from hq_lightning.quantization import QuantStub, prepare_qat_fx
+        >>> from hq_lightning.qconfig import default_qat_8bit_fake_quant_qconfig
+        >>> qat = prepare_qat_fx(nn.Sequential(QuantStub(), nn.Linear(2, 2)),
+        ...                      {"": default_qat_8bit_fake_quant_qconfig})
+        >>> _ = qat(torch.ones(1, 2))
+        >>> fake_quant = qat.get_submodule("1").activation_post_process
+        >>> int8_scale = fake_quant.scale.item()
+        >>> promote_to_int16(qat, ["1"])
+        ['1']
+        >>> fake_quant.dtype.value, round(int8_scale / fake_quant.scale.item())  # 32767.5 / 127.5
+        ('qint16', 257)
+    """
+    promoted = []
+    for path in paths:
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            module = None
+        fake_quant = getattr(module, "activation_post_process", None)
+        if not isinstance(fake_quant, FakeQuantize):
+            raise ValueError(
+                f"Expected `{path}` to be a layer with an output fake quant (activation_post_process), "
+                f"but got {type(module).__name__ if module is not None else 'no such module'}."
+            )
+        if not supports_int16(fake_quant.march):
+            raise ValueError(
+                f"Expected the fake quant of `{path}` to be built for a march with int16 (BAYES, "
+                f"BAYES_E, NASH), but it was built for {fake_quant.march.value!r}: keep the layer "
+                "int8, or keep it float (qconfig None) between a DeQuantStub and a QuantStub."
+            )
+        observer = fake_quant.activation_post_process
+        fake_quant.dtype = QuantDType.qint16
+        if hasattr(observer, "dtype"):
+            observer.dtype = QuantDType.qint16
+        with torch.no_grad():
+            if recompute_scale and getattr(observer, "initialized", False):
+                fake_quant._update_scale()
+            else:
+                fake_quant.zero_point.zero_()  # same value, new version: caches keyed on buffers see the change
+        promoted.append(path)
+    return promoted
+
+
+def _model_sqnr(model: nn.Module, batches: list[Any], output_fn: Callable[[Any], torch.Tensor]) -> float:
+    """SQNR of the whole fake-quantized output vs the FLOAT output; flags and modes restored."""
+    fake_quants = [m for m in model.modules() if isinstance(m, FakeQuantize)]
+    saved_flags = [(fq, fq.fake_quant_enabled, fq.observer_enabled) for fq in fake_quants]
+    saved_modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            set_fake_quantize(model, FakeQuantState.FLOAT)
+            references = [output_fn(_run(model, batch)) for batch in batches]
+            set_fake_quantize(model, FakeQuantState.VALIDATION)
+            accumulator = _MetricAccumulator("sqnr")
+            for batch, reference in zip(batches, references):
+                accumulator.add(reference, output_fn(_run(model, batch)))
+            return accumulator.value()
+    finally:
+        for module, training in saved_modes:
+            module.training = training
+        for fake_quant, fake_quant_enabled, observer_enabled in saved_flags:
+            fake_quant.fake_quant_enabled = fake_quant_enabled
+            fake_quant.observer_enabled = observer_enabled
+
+
+def auto_int16(
+    prepared_model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    max_layers: int = 3,
+    sqnr_floor: float | None = None,
+    output_fn: Callable[[Any], torch.Tensor] | None = None,
+) -> Int16Decision:
+    """Promote the most sensitive layers of a calibrated model to int16 outputs, in place.
+
+    Ranks the layers with :func:`layer_sensitivity` (SQNR of the model output with only that
+    layer quantized), then promotes them most sensitive first (:func:`promote_to_int16`; layers
+    with a high-precision output, already int16, or a fixed-scale observer are skipped) until the
+    whole fake-quantized model's output SQNR reaches ``sqnr_floor`` or ``max_layers`` are int16.
+    Without a floor it promotes ``max_layers`` layers. The model's flags and modes are restored.
+
+    Args:
+        prepared_model: a calibrated prepared model (scales set), built on a march with int16.
+        batches: a few model inputs (as :func:`layer_sensitivity`).
+        max_layers: the most layers to promote (>= 0).
+        sqnr_floor: stop as soon as the model-output SQNR (dB) is at least this; ``None``: no floor.
+        output_fn: as :func:`layer_sensitivity`.
+
+    Returns:
+        an :class:`Int16Decision`.
+
+    Raises:
+        ValueError: a march without int16, bad ``max_layers``/``sqnr_floor``, and whatever
+            :func:`layer_sensitivity` refuses.
+    """
+    from hq_lightning.quantization.observer import FixedScaleObserver
+
+    if not isinstance(max_layers, int) or isinstance(max_layers, bool) or max_layers < 0:
+        raise ValueError(f"Expected `max_layers` to be an int >= 0, but got {max_layers!r}.")
+    if sqnr_floor is not None and not isinstance(sqnr_floor, (int, float)):
+        raise ValueError(f"Expected `sqnr_floor` to be a number of dB or None, but got {sqnr_floor!r}.")
+    fake_quants = [m for m in prepared_model.modules() if isinstance(m, FakeQuantize)]
+    if fake_quants and not supports_int16(fake_quants[0].march):
+        raise ValueError(
+            f"Expected a model prepared for a march with int16 (BAYES, BAYES_E, NASH) for auto "
+            f"int16, but it was prepared for {fake_quants[0].march.value!r}: use march bayes or "
+            "newer, or layer_sensitivity(...).fallback_qconfig_dict() to keep layers float."
+        )
+    batches = list(batches)
+    output_fn = output_fn or _default_output_fn
+    ranking = layer_sensitivity(prepared_model, batches, metric="sqnr", output_fn=output_fn)
+    before = _model_sqnr(prepared_model, batches, output_fn)
+    current, steps, promoted = before, [], []
+    reason = f"{max_layers} layer(s) promoted (the most allowed)"
+    for row in ranking:
+        if sqnr_floor is not None and current >= sqnr_floor:
+            reason = f"model SQNR {_format(current)} dB >= floor {sqnr_floor:g} dB"
+            break
+        if len(promoted) >= max_layers:
+            break
+        fake_quant = getattr(prepared_model.get_submodule(row.path), "activation_post_process", None)
+        if (
+            not isinstance(fake_quant, FakeQuantize)
+            or fake_quant.dtype is QuantDType.qint16
+            or isinstance(fake_quant.activation_post_process, FixedScaleObserver)
+        ):
+            continue
+        promote_to_int16(prepared_model, [row.path])
+        promoted.append(row.path)
+        current = _model_sqnr(prepared_model, batches, output_fn)
+        steps.append((row.path, current))
+    else:
+        if sqnr_floor is not None and current >= sqnr_floor:
+            reason = f"model SQNR {_format(current)} dB >= floor {sqnr_floor:g} dB"
+        elif len(promoted) < max_layers:
+            reason = "no more layer can be promoted"
+    return Int16Decision(
+        promoted=tuple(promoted),
+        ranking=ranking,
+        sqnr_before=before,
+        sqnr_after=current,
+        steps=tuple(steps),
+        sqnr_floor=None if sqnr_floor is None else float(sqnr_floor),
+        max_layers=max_layers,
+        reason=reason,
     )
