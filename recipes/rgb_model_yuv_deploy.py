@@ -1,13 +1,15 @@
-"""Deploy a model trained on RGB images to the chip's centered-YUV input (``patch_yuv_input``).
+"""Deploy a model trained on RGB images to the chip's centered-YUV input (the YUV input patch).
 
 The chip's image pyramid delivers centered YUV444 (full swing, -128..127). Training on YUV is the
-better fix; for a model already trained on RGB, ``hq_lightning.deploy.patch_yuv_input`` inserts
-the fixed-point ``centered_yuv2rgb`` right after the converted input QuantStub (whose scale becomes
-1) so the integer model takes YUV directly, at the cost of a little accuracy.
+better fix; for a model already trained on RGB, the ``DeploymentCallback(yuv=True)`` inserts the
+fixed-point ``centered_yuv2rgb`` right after the converted input QuantStub (whose scale becomes 1)
+so the integer model takes YUV directly, at the cost of a little accuracy.
 
-Here: colourised digits (RGB 0..255, normalised as (x - 128) / 128), trained float -> calibration
--> QAT -> converted with the QuantizationCallback; then the converted model is evaluated on RGB
-and the patched one on the same images converted to centered YUV.
+Here: colourised digits (RGB 0..255, normalised as (x - 128) / 128, ``ColourDigitsDataModule``),
+trained float -> calibration -> QAT -> converted with the ``QuantizationCallback``; at the end of
+fit the ``DeploymentCallback`` patches the converted model, validates it with the module's own
+``validation_step`` on the same validation images converted by ``rgb2centered_yuv`` (the
+``deployed`` column beside ``quantized``), exports it and writes ``deploy/manifest.json``.
 
     python recipes/rgb_model_yuv_deploy.py
     python recipes/rgb_model_yuv_deploy.py --float-epochs 1 --qat-epochs 1 --limit-batches 2
@@ -16,33 +18,14 @@ and the patched one on the same images converted to centered YUV.
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 
 import lightning.pytorch as pl
-import torch
-import torch.nn.functional as F
-from sklearn.datasets import load_digits
-from torch.utils.data import DataLoader, TensorDataset
 
-from hq_lightning.callbacks import QuantizationCallback
-from hq_lightning.deploy import export_torchscript, patch_yuv_input
-from hq_lightning.functional import rgb2centered_yuv
+from hq_lightning.callbacks import DeploymentCallback, QuantizationCallback
+from hq_lightning.data import ColourDigitsDataModule
 from hq_lightning.models import ClassificationModule, TinyMobileNetV2
-
-MEAN, STD = 128.0, 128.0
-
-
-def colourised_digits(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Digits upscaled to 16x16, each with a random bright ink and dark paper colour (0..255)."""
-    digits = load_digits()
-    ink = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    ink = F.interpolate(ink, size=16, mode="bilinear", align_corners=False)
-    generator = torch.Generator().manual_seed(seed)
-    n = ink.shape[0]
-    fg = 128 + 127 * torch.rand(n, 3, 1, 1, generator=generator)
-    bg = 100 * torch.rand(n, 3, 1, 1, generator=generator)
-    rgb = (bg + (fg - bg) * ink).round().clamp(0, 255)
-    return rgb, torch.tensor(digits.target)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -50,20 +33,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--float-epochs", type=int, default=5)
     parser.add_argument("--qat-epochs", type=int, default=1)
     parser.add_argument("--limit-batches", type=float, default=1.0)
-    parser.add_argument("--eval-images", type=int, default=None, help="default: all held out")
     parser.add_argument("--output-dir", default=None)
     args = parser.parse_args(argv)
     output_dir = args.output_dir or tempfile.mkdtemp(prefix="hq_recipe_yuv_")
 
     pl.seed_everything(0, verbose=False)
-    rgb, labels = colourised_digits()
-    normalised = (rgb - MEAN) / STD
-    train, val = torch.arange(0, 1400), torch.arange(1400, len(labels))
-    train_loader = DataLoader(TensorDataset(normalised[train], labels[train]), 64, shuffle=True)
-    val_loader = DataLoader(TensorDataset(normalised[val], labels[val]), 64)
-
-    # the input stub's scale is pinned to 1/128 for inputs in [-1, 1): it becomes the q_scale
-    # of the inserted conversion
+    data = ColourDigitsDataModule(batch_size=64, image_size=16)  # pixel_mean = pixel_std = 128
+    # the input stub's scale is pinned to 1/128 for inputs in [-1, 1): the conversion's q_scale
     net = TinyMobileNetV2(num_classes=10, in_channels=3, image_size=16, input_scale=1 / 128)
     module = ClassificationModule(net, num_classes=10, lr=1e-2)
     quantization = QuantizationCallback(
@@ -74,9 +50,10 @@ def main(argv: list[str] | None = None) -> dict:
         output_dir=output_dir,
         export=(),
     )
+    deployment = DeploymentCallback(yuv=True, swing="full")  # mean/std from the datamodule
     trainer = pl.Trainer(
         max_epochs=args.float_epochs + args.qat_epochs,
-        callbacks=[quantization],
+        callbacks=[quantization, deployment],
         limit_train_batches=args.limit_batches,
         limit_val_batches=args.limit_batches,
         logger=False,
@@ -84,26 +61,17 @@ def main(argv: list[str] | None = None) -> dict:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(module, train_loader, val_loader)
+    trainer.fit(module, datamodule=data)
 
-    converted = quantization.quantized_model.eval()
-    val = val[: args.eval_images]
-    patched = patch_yuv_input(converted, swing="full", mean=MEAN, std=STD)
-    yuv = rgb2centered_yuv(rgb[val], swing="full").float()  # what the camera pipeline delivers
-    with torch.no_grad():
-        rgb_pred = converted(normalised[val]).argmax(1)
-        yuv_pred = patched(yuv).argmax(1)
+    table = quantization.metrics_table
     result = {
-        "converted_on_rgb_acc": (rgb_pred == labels[val]).float().mean().item(),
-        "patched_on_yuv_acc": (yuv_pred == labels[val]).float().mean().item(),
-        "prediction_agreement": (rgb_pred == yuv_pred).float().mean().item(),
+        "converted_on_rgb_acc": table["quantized"]["val/acc"],
+        "deployed_on_yuv_acc": table["deployed"]["val/acc"],
+        "manifest": deployment.manifest_path,
+        "torchscript": os.path.join(os.path.dirname(deployment.manifest_path), "model.pt"),
     }
     for name, value in result.items():
-        print(f"{name:22s} {value:.4f}")
-    path = f"{output_dir}/yuv_input_model.pt"
-    export_torchscript(patched, yuv[:2], path)
-    print("deployable YUV-input model:", path)
-    result["torchscript"] = path
+        print(f"{name:22s} {value:.4f}" if isinstance(value, float) else f"{name:22s} {value}")
     return result
 
 

@@ -30,6 +30,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 __all__ = [
     "AppConfig",
+    "DeployConf",
     "FakeQuantizeConf",
     "MarchConf",
     "ObserverRefConf",
@@ -152,6 +153,26 @@ class QuantConf:
 
 
 @dataclass
+class DeployConf:
+    """``conf/deploy/<name>.yaml``, selected with ``+deploy=yuv`` and/or ``+deploy=segments``.
+
+    The knobs of :class:`hq_lightning.callbacks.DeploymentCallback` (docs/deployment.md). The
+    files and ``manifest.json`` go to ``<run dir>/deploy``.
+    """
+
+    yuv: bool = False
+    swing: str = "full"
+    # RGB normalisation in pixel units (0..255); null: the datamodule's pixel_mean / pixel_std
+    mean: Optional[list[float]] = None
+    std: Optional[list[float]] = None
+    bgr: bool = False
+    # null: one stage; "auto": every inner QuantStub and run of wrapped CPU-side calls; or a list
+    at: Any = None
+    export: list[str] = field(default_factory=lambda: ["torchscript"])
+    validate: bool = True
+
+
+@dataclass
 class AppConfig:
     """The root of ``conf/config.yaml``."""
 
@@ -162,6 +183,7 @@ class AppConfig:
     callbacks: dict[str, Any] = field(default_factory=dict)
     logger: dict[str, Any] = field(default_factory=dict)
     quant: Optional[QuantConf] = None
+    deploy: Optional[DeployConf] = None
     float_epochs: int = 6
     init_from: Optional[str] = None
     resume_from: Optional[str] = None
