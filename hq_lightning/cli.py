@@ -88,6 +88,10 @@ def run(cfg: DictConfig, output_dir: str | None = None, multirun: bool = False) 
     if trees is not None:
         quantization = build_quantization_callback(cfg, trees, output_dir)
         callbacks.append(quantization)
+    if cfg.get("deploy") is not None:
+        from hq_lightning.app.build import build_deployment_callback
+
+        callbacks.append(build_deployment_callback(cfg))  # deploys what `quantization` converts
     trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg.logger), max_epochs=epochs
     )
@@ -131,7 +135,12 @@ def _hydra_main(cfg: DictConfig) -> Any:
 
 def main() -> None:
     """Console entry point (``hq-train``; ``train.py`` calls it)."""
+    import sys
+
+    from hq_lightning.app.build import merge_group_selections
+
     register_configs()
+    sys.argv = merge_group_selections(sys.argv, "deploy")  # +deploy=yuv +deploy=segments
     _hydra_main()
 
 

@@ -161,7 +161,8 @@ def test_stage_mismatch_and_bad_options_are_refused(detector, tmp_path):
 # ---------------------------------------------------------------- the schema and its validator
 def test_manifest_schema_rejects_what_a_deployment_engineer_could_not_use(detector, tmp_path):
     result = deploy_converted(detector, (_yuv(),), tmp_path, at="auto", march="bayes")
-    good = json.loads(open(result.manifest_path).read())
+    with open(result.manifest_path) as handle:
+        good = json.load(handle)
     assert validate(good, load_schema()) == []
     broken = copy.deepcopy(good)
     del broken["stages"][1]["files"]
@@ -214,4 +215,5 @@ def test_the_small_validator_on_each_keyword():
 def test_the_schema_is_also_valid_for_jsonschema_when_installed(detector, tmp_path):
     jsonschema = pytest.importorskip("jsonschema")
     result = deploy_converted(detector, (_yuv(),), tmp_path, at="auto", march="bayes")
-    jsonschema.validate(json.loads(open(result.manifest_path).read()), load_schema())
+    with open(result.manifest_path) as handle:
+        jsonschema.validate(json.load(handle), load_schema())

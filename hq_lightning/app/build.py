@@ -22,11 +22,13 @@ from hq_lightning.app.schema import QuantMode
 
 __all__ = [
     "build_callbacks",
+    "build_deployment_callback",
     "build_loggers",
     "build_quantization_callback",
     "check_one_device_per_job",
     "load_float_weights",
     "max_epochs",
+    "merge_group_selections",
 ]
 
 log = logging.getLogger(__name__)
@@ -124,6 +126,60 @@ def build_quantization_callback(
         output_dir=output_dir,
         export=tuple(quant.export),
     )
+
+
+def build_deployment_callback(cfg: DictConfig) -> Any:
+    """The :class:`hq_lightning.callbacks.DeploymentCallback` of ``cfg.deploy`` (needs ``+quant``)."""
+    from hq_lightning.callbacks import DeploymentCallback
+
+    deploy = cfg.deploy
+    if cfg.get("quant") is None:
+        raise ValueError(
+            "Expected +quant=<name> with +deploy (the deployment phase deploys the converted "
+            "model), but got no quant group: add e.g. +quant=qat."
+        )
+    at = deploy.at
+    if at is not None and not isinstance(at, str):
+        at = [str(point) for point in at]
+    return DeploymentCallback(
+        yuv=bool(deploy.yuv),
+        swing=deploy.swing,
+        mean=None if deploy.mean is None else list(deploy.mean),
+        std=None if deploy.std is None else list(deploy.std),
+        bgr=bool(deploy.bgr),
+        segments=at,
+        export=tuple(deploy.export),
+        validate=bool(deploy.validate),
+    )
+
+
+def merge_group_selections(argv: list[str], group: str = "deploy") -> list[str]:
+    """``+deploy=yuv +deploy=segments`` -> ``+deploy=[yuv,segments]`` (Hydra takes one selection
+    per group on the command line, a list selects several options of one group).
+
+    Example:
+        >>> merge_group_selections(["train.py", "+deploy=yuv", "x=1", "+deploy=segments"])
+        ['train.py', '+deploy=[yuv,segments]', 'x=1']
+    """
+    prefix = f"+{group}="
+    chosen = [a for a in argv if a.startswith(prefix)]
+    if len(chosen) < 2:
+        return list(argv)
+    options: list[str] = []
+    for arg in chosen:
+        value = arg[len(prefix):].strip()
+        parts = value[1:-1].split(",") if value.startswith("[") and value.endswith("]") else [value]
+        options.extend(p.strip() for p in parts if p.strip() and p.strip() not in options)
+    merged = f"{prefix}[{','.join(options)}]"
+    result, placed = [], False
+    for arg in argv:
+        if arg.startswith(prefix):
+            if not placed:
+                result.append(merged)
+                placed = True
+            continue
+        result.append(arg)
+    return result
 
 
 def load_float_weights(module: Any, path: str) -> None:
