@@ -23,6 +23,15 @@ def _batches(rank, step):
     return torch.randn(4, 3, 5, generator=g) * (1 + 3 * rank) + rank
 
 
+def _with_outlier(x, rank, step):
+    # rank 1's second batch holds a value far beyond the data: it must land in the overflow of
+    # every rank's histogram alike (the range decision uses only reduced statistics)
+    if rank == 1 and step == 1:
+        x = x.clone()
+        x.view(-1)[7] = -1e30
+    return x
+
+
 def _build():
     return {
         "tensor_minmax": FakeQuantize(observer=MovingAveragePerTensorMinMaxObserver, averaging_constant=0.1),
@@ -32,6 +41,7 @@ def _build():
         "channel": FakeQuantize(observer=MovingAveragePerChannelMinMaxObserver, ch_axis=1, averaging_constant=0.1),
         "percentile": FakeQuantize(observer=PercentileObserver, bins=64, percentile=99.0),
         "mse": FakeQuantize(observer=MSEObserver, bins=64),
+        "outlier": FakeQuantize(observer=PercentileObserver, bins=64, percentile=99.0),
         "unsynced": FakeQuantize(
             observer=MovingAveragePerTensorMinMaxObserver, averaging_constant=0.1, sync="none"
         ),
@@ -47,8 +57,8 @@ def _worker(rank, world, port, out_dir):
         modules = _build()
         for step in range(3):
             x = _batches(rank, step)
-            for m in modules.values():
-                m(x)
+            for name, m in modules.items():
+                m(_with_outlier(x, rank, step) if name == "outlier" else x)
         state = {name: (m.scale.clone(), m.activation_post_process.state_dict()) for name, m in modules.items()}
         torch.save(state, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -65,7 +75,7 @@ def _free_port():
 def test_two_rank_gloo_sync_gives_identical_scales(tmp_path):
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
-    for name in ("tensor_minmax", "tensor_mean", "channel", "percentile", "mse"):
+    for name in ("tensor_minmax", "tensor_mean", "channel", "percentile", "mse", "outlier"):
         assert torch.equal(r0[name][0], r1[name][0]), name
         for key, value in r0[name][1].items():
             assert torch.equal(value, r1[name][1][key]), (name, key)
@@ -77,8 +87,13 @@ def test_two_rank_gloo_sync_gives_identical_scales(tmp_path):
         both = torch.cat([_batches(0, step), _batches(1, step)])
         for name in ("tensor_minmax", "channel", "percentile"):
             single[name](both)
-    for name in ("tensor_minmax", "channel", "percentile"):
+        single["outlier"](torch.cat([_batches(0, step), _with_outlier(_batches(1, step), 1, step)]))
+    for name in ("tensor_minmax", "channel", "percentile", "outlier"):
         assert torch.equal(single[name].scale, r0[name][0]), name
+    outlier_state = single["outlier"].activation_post_process.state_dict()
+    for key, value in outlier_state.items():
+        assert torch.equal(value, r0["outlier"][1][key]), key
+    assert int(outlier_state["overflow"].sum()) == 1 and outlier_state["hist_range"].item() < 100
     # "mean" averages the ranks' batch extremes before the moving average
     ref = MovingAveragePerTensorMinMaxObserver(averaging_constant=0.1)
     for step in range(3):

@@ -371,3 +371,98 @@ def test_mix_picks_best_percentile_by_l2():
     obs = MixObserver(percentiles=(99.99, 100.0), bins=512)
     obs(dense)
     assert obs.calculate_amax().item() < 1.01
+
+
+# ---------------------------------------------------------------- outliers (issue 12, item 2)
+HISTOGRAM_OBSERVERS = [PercentileObserver, MSEObserver, KLObserver, MixObserver]
+
+
+def _normal(n, seed):
+    return torch.randn(n, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("cls", HISTOGRAM_OBSERVERS)
+@pytest.mark.parametrize("batches", [1, 2])
+def test_one_huge_outlier_leaves_the_histogram_where_the_data_is(cls, batches):
+    """One value of 1e30 among 61k once moved the scale from 0.031 to 3.8e24: the range followed it
+    and every other value fell into bin 0. Now it is counted in the overflow and the bins stay."""
+    x = _normal(61000, 7)
+    parts = list(x.chunk(batches))
+    clean, dirty = cls(), cls()
+    for i, part in enumerate(parts):
+        clean(part)
+        dirty(torch.cat([part, torch.tensor([-1e30])]) if i == len(parts) - 1 else part)
+    assert dirty.hist_range.item() == clean.hist_range.item() < 10.0
+    assert torch.equal(dirty.histogram, clean.histogram)
+    assert int(dirty.overflow.sum()) == 1
+    got, expected = dirty.calculate_amax().item(), clean.calculate_amax().item()
+    if cls in (MSEObserver, KLObserver):  # the searches see the histogram only: same answer
+        assert got == expected
+    elif cls is PercentileObserver:  # one more value above the 99.99 % rank, as one at the max would be
+        twin = cls()
+        for i, part in enumerate(parts):
+            twin(torch.cat([part, x.abs().max().reshape(1)]) if i == len(parts) - 1 else part)
+        assert got == twin.calculate_amax().item()
+    else:  # Mix: candidates past the 99.99 % rank are the outlier's octave, judged and refused
+        assert got <= clean.hist_range.item() and got == pytest.approx(expected, rel=0.05)
+    scale = dirty.calculate_qparams("bayes")[0].item()
+    assert scale == pytest.approx(clean.calculate_qparams("bayes")[0].item(), rel=0.05)
+
+
+def test_outlier_ratio_none_covers_every_value_as_before():
+    x = torch.cat([_normal(1000, 8), torch.tensor([1e30])])
+    obs = PercentileObserver(bins=64, outlier_ratio=None)
+    obs(x)
+    assert obs.hist_range.item() == np.float32(1e30) and int(obs.overflow.sum()) == 0
+    assert obs.histogram[0].item() == 1000
+
+
+def test_values_up_to_the_ratio_are_covered_and_beyond_it_are_not():
+    # bulk: the 99th percentile of U(0, 1) lies in the octave [0.5, 1), whose upper edge is 1
+    x = torch.rand(10000, generator=torch.Generator().manual_seed(9))
+    inside, outside = PercentileObserver(bins=64), PercentileObserver(bins=64)
+    inside(torch.cat([x, torch.tensor([64.0])]))  # 64 x the bulk's edge: still data
+    outside(torch.cat([x, torch.tensor([64.5])]))  # beyond: an outlier
+    assert inside.hist_range.item() == 64.0 and int(inside.overflow.sum()) == 0
+    assert outside.hist_range.item() == x.max().item() and int(outside.overflow.sum()) == 1
+    assert outside.overflow[6].item() == 1  # 64.5 / range lies in [2**6, 2**7)
+    with pytest.raises(ValueError, match="Expected `outlier_ratio` to be a power of two >= 2"):
+        PercentileObserver(outlier_ratio=100)
+
+
+def test_percentile_ranks_the_outliers_at_their_octave():
+    x = torch.cat([torch.rand(999, generator=torch.Generator().manual_seed(10)), torch.tensor([1e30])])
+    obs = PercentileObserver(percentile=100.0, bins=64)
+    obs(x)
+    assert np.float32(1e30) <= obs.calculate_amax().item() < 2e30  # the upper edge of its octave
+    zeros = PercentileObserver(bins=64)
+    zeros(torch.cat([torch.zeros(50000), torch.rand(500), torch.tensor([1e30])]))  # sparse: the bulk is non-zero
+    assert zeros.hist_range.item() < 1.0 and int(zeros.overflow.sum()) == 1
+
+
+def test_overflow_moves_into_the_range_when_the_bulk_rises():
+    obs = PercentileObserver(bins=2048)
+    obs(torch.cat([torch.rand(10000, generator=torch.Generator().manual_seed(11)), torch.tensor([100.0])]))
+    first_range = obs.hist_range.item()
+    assert int(obs.overflow.sum()) == 1 and first_range < 1.0  # 100 > 64 x the bulk's edge 1
+    # the bulk moves to [4, 8): the limit becomes 512 and the range grows 2**8-fold to cover 200
+    later = torch.cat([4 + 4 * torch.rand(20000, generator=torch.Generator().manual_seed(12)), torch.tensor([200.0])])
+    obs(later)
+    assert obs.hist_range.item() == np.float32(first_range) * 2**8
+    assert int(obs.overflow.sum()) == 0 and int(obs.histogram.sum()) == 30002
+    # 100 was recorded in the octave [2**6, 2**7) x the old range, i.e. new bins [512, 1024),
+    # which no other value reaches; its count goes to the first of them
+    assert obs.histogram[512].item() == 1 and int(obs.histogram[513:1024].sum()) == 0
+    assert int(obs.histogram[:8].sum()) == 10000  # the first batch, merged 256 bins to one
+
+def test_a_state_saved_before_the_overflow_buffers_loads_strictly():
+    fed = MSEObserver(bins=64)
+    fed(_normal(5000, 13))
+    old = {k: v for k, v in fed.state_dict().items() if k not in ("overflow", "octave_counts")}
+    fresh = MSEObserver(bins=64)
+    fresh.load_state_dict(old, strict=True)
+    assert torch.equal(fresh.histogram, fed.histogram) and int(fresh.overflow.sum()) == 0
+    assert int(fresh.octave_counts.sum()) == 5000
+    assert fresh.calculate_amax().item() == fed.calculate_amax().item()
+    fresh(torch.tensor([1e30]))  # and it keeps working: the rebuilt octaves find the bulk
+    assert fresh.hist_range.item() == fed.hist_range.item() and int(fresh.overflow.sum()) == 1

@@ -18,7 +18,15 @@ batch, ``c = 1`` uses the current batch only.
 
 Histogram range: the first batch sets the range to its ``amax``; a later batch that exceeds it
 doubles the range as often as needed and merges bins pairwise, which re-bins the old counts
-exactly (at the cost of at most half the resolution).
+exactly (at the cost of at most half the resolution). Outliers do not widen it: the bulk of the
+data is the upper edge ``b`` of the power-of-two octave holding the 99th percentile of the non-zero
+``|x|`` seen so far, and a value above ``outlier_ratio * b`` (default 64) is counted per octave in
+``overflow`` instead. The range then covers the largest value up to that limit, so the bins keep
+their resolution where the data is: one value of 1e30 among 61k normal values leaves the histogram
+as it was. Percentiles still rank the outliers (a percentile beyond the range is the upper edge of
+its octave); the MSE/KL/Mix searches clip them. ``outlier_ratio=None`` covers every value. Should
+the bulk later rise, the range grows over octaves of the overflow, whose counts are spread evenly
+over the bins each octave covers (they were recorded to a factor of two).
 
 Under ``torch.distributed`` the current batch's statistics are reduced over ranks before the
 update (see :mod:`hq_lightning.quantization.sync`), so all ranks hold identical scales.
@@ -372,42 +380,118 @@ class FixedScaleObserver(ObserverBase):
         return f"scale={self.scale.item()}, dtype={self.dtype.value}"
 
 
-class _HistogramObserver(ObserverBase):
-    """Histogram of ``|x|`` over ``[0, hist_range]`` with ``bins`` integer counts.
+#: Float32 exponent fields 0..254 index ``octave_counts`` (0: zero and subnormals); 255 (inf, NaN)
+#: never reaches a histogram.
+_OCTAVES = 256
+#: Octaves above the range an overflow count can sit in: float32 spans 2**277 from its smallest
+#: subnormal to its largest finite value.
+_OVERFLOW_OCTAVES = 280
+#: The bulk of the data is this percentile (an integer, so the rank is exact) of the non-zero |x|.
+_BULK_PERCENT = 99
 
-    Values land in bin ``min(floor(|x| / width), bins - 1)`` with ``width = hist_range / bins``.
+
+def _octave_upper_edge(field: int) -> float:
+    """Upper edge of float32 exponent field ``field >= 1``, whose values lie in
+    ``[2**(field - 127), 2**(field - 126))``."""
+    return math.ldexp(1.0, field - 126)
+
+
+def _check_outlier_ratio(outlier_ratio: float | None) -> int | None:
+    """``log2(outlier_ratio)``, or ``None`` when outliers are not set apart."""
+    if outlier_ratio is None:
+        return None
+    ok = isinstance(outlier_ratio, (int, float)) and not isinstance(outlier_ratio, bool)
+    if ok and math.isfinite(outlier_ratio) and outlier_ratio >= 2:
+        mantissa, exponent = math.frexp(outlier_ratio)
+        if mantissa == 0.5:
+            return exponent - 1
+    raise ValueError(
+        f"Expected `outlier_ratio` to be a power of two >= 2 (e.g. 64), or None to cover every "
+        f"value, but got {outlier_ratio!r}."
+    )
+
+
+class _HistogramObserver(ObserverBase):
+    """Histogram of ``|x|``: ``bins`` linear bins over ``[0, hist_range]``, octaves beyond it.
+
+    Buffers:
+
+    * ``histogram``: ``|x| <= hist_range`` lands in bin ``min(floor(|x| / width), bins - 1)`` with
+      ``width = hist_range / bins``.
+    * ``overflow``: ``|x| > hist_range`` (outliers) counted per octave of the range:
+      ``overflow[k]`` counts ``hist_range * 2**k <= |x| < hist_range * 2**(k + 1)``.
+    * ``octave_counts``: every ``|x|`` counted by its float32 exponent (power-of-two octaves with
+      fixed edges, index 0 = zero and subnormals): where the data is, at a factor of two.
+
+    The range grows as in the module docstring. Percentiles rank every value: one whose rank lies
+    in the overflow is the upper edge of that octave. The searches (MSE, KL, Mix's judgement) see
+    only ``histogram``: outliers are clipped whatever the candidate, so they do not steer it.
     """
 
     expensive_amax = True
 
-    def __init__(self, bins: int = 2048, dtype: QuantDType | str = "qint8", sync: str = "minmax") -> None:
+    def __init__(
+        self,
+        bins: int = 2048,
+        dtype: QuantDType | str = "qint8",
+        sync: str = "minmax",
+        outlier_ratio: float | None = 64,
+    ) -> None:
         super().__init__(dtype=dtype, sync=sync)
         if not isinstance(bins, int) or bins < 8:
             raise ValueError(f"Expected `bins` to be an int >= 8, but got {bins!r}.")
         self.bins = bins
+        self.outlier_ratio = outlier_ratio
+        self._ratio_octaves = _check_outlier_ratio(outlier_ratio)
         self.register_buffer("histogram", torch.zeros(bins, dtype=torch.int64))
         self.register_buffer("hist_range", torch.zeros(1))
+        self.register_buffer("overflow", torch.zeros(_OVERFLOW_OCTAVES, dtype=torch.int64))
+        self.register_buffer("octave_counts", torch.zeros(_OCTAVES, dtype=torch.int64))
 
     @property
     def initialized(self) -> bool:
         return int(self.histogram.sum()) > 0
 
-    def _grow(self, new_range: torch.Tensor) -> None:
+    def _outlier_limit(self) -> float:
+        """``outlier_ratio`` times the upper edge of the bulk's octave (``inf``: no limit)."""
+        if self._ratio_octaves is None:
+            return math.inf
+        nonzero = self.octave_counts[1:].cpu()  # nonzero[i] counts exponent field i + 1
+        cumulative = torch.cumsum(nonzero, 0)
+        total = int(cumulative[-1])
+        if total == 0:  # zeros and subnormals only
+            return math.inf
+        rank = -(-total * _BULK_PERCENT // 100)  # ceil, in integers
+        field = int(torch.searchsorted(cumulative, rank)) + 1 + self._ratio_octaves
+        return math.inf if field >= _OCTAVES - 1 else _octave_upper_edge(field)
+
+    def _grow(self, new: float) -> None:
         old = float(self.hist_range)
-        new = float(new_range)
         if new <= old:
             return
-        if old == 0.0:  # nothing but zeros so far: they stay in bin 0
+        if old == 0.0:  # nothing but zeros so far: they stay in bin 0 (and nothing overflowed)
             self.hist_range.fill_(new)
             return
-        factor = 1
-        while old * factor < new:
-            factor *= 2
+        doublings = 0
+        while old * 2**doublings < new:
+            doublings += 1
+        factor = 2**doublings
         merged_bins = -(-self.bins // factor)
         padded = torch.zeros(merged_bins * factor, dtype=torch.int64, device=self.histogram.device)
         padded[: self.bins] = self.histogram
         grown = torch.zeros_like(self.histogram)
         grown[:merged_bins] = padded.view(merged_bins, factor).sum(dim=1)
+        # octaves of the old range now inside the new one: spread evenly over the bins they cover
+        overflow = self.overflow.tolist()
+        for k, count in enumerate(overflow[:doublings]):
+            if count:
+                lo = (self.bins << k) // factor
+                hi = min(max(-(-(self.bins << (k + 1)) // factor), lo + 1), self.bins)
+                base, extra = divmod(count, hi - lo)
+                grown[lo:hi] += base
+                grown[lo : lo + extra] += 1
+        shifted = overflow[doublings:] + [0] * min(doublings, _OVERFLOW_OCTAVES)
+        self.overflow.copy_(torch.tensor(shifted[:_OVERFLOW_OCTAVES], dtype=torch.int64))
         self.histogram.copy_(grown)
         self.hist_range.fill_(old * factor)
 
@@ -419,26 +503,74 @@ class _HistogramObserver(ObserverBase):
         batch_amax = ax.max().reshape(1)
         check_finite(batch_amax, batch_amax, type(self).__name__)
         batch_amax = reduce_max(batch_amax, self.sync)
-        self._grow(batch_amax)
-        rng = float(self.hist_range)
-        if rng == 0.0:
-            idx = torch.zeros_like(ax, dtype=torch.int64)
+        # the float32 exponent field of |x| (sign bit 0) is its power-of-two octave
+        octaves = torch.bincount(ax.view(torch.int32) >> 23, minlength=_OCTAVES)
+        self.octave_counts.add_(reduce_sum(octaves, self.sync))
+        amax = float(batch_amax)
+        limit = self._outlier_limit()
+        if amax > limit:  # the range covers only the values up to the limit
+            inliers = torch.where(ax <= limit, ax, 0.0).amax().reshape(1) if ax.numel() else batch_amax * 0
+            self._grow(float(reduce_max(inliers, self.sync)))
         else:
-            idx = torch.floor(ax * (self.bins / rng)).long().clamp_(0, self.bins - 1)
+            self._grow(amax)
+        rng = float(self.hist_range)
+        batch_overflow = None
+        if amax > rng:  # outliers on some rank (amax and rng agree on every rank)
+            beyond = ax > rng
+            ratio = ax[beyond].double() / rng  # exact enough: floats a factor 2**k apart stay apart
+            octave = (torch.frexp(ratio).exponent.long() - 1).clamp_(0, _OVERFLOW_OCTAVES - 1)
+            batch_overflow = torch.bincount(octave, minlength=_OVERFLOW_OCTAVES)
+            ax = ax[~beyond]
+        if rng == 0.0:
+            idx = torch.zeros_like(ax, dtype=torch.int32)
+        else:
+            # |x| <= rng here, so the product is at most ~bins and int32 truncation is floor
+            # (measured 2x faster than floor().long() on CPU, and bincount of int32 is faster too)
+            idx = ax.mul_(self.bins / rng).to(torch.int32).clamp_(0, self.bins - 1)
         batch_hist = torch.bincount(idx, minlength=self.bins)
-        self.histogram.add_(reduce_sum(batch_hist, self.sync))
+        if batch_overflow is None:
+            self.histogram.add_(reduce_sum(batch_hist, self.sync))
+        else:  # one reduction for both
+            both = reduce_sum(torch.cat((batch_hist, batch_overflow)), self.sync)
+            self.histogram.add_(both[: self.bins])
+            self.overflow.add_(both[self.bins :])
         return x
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        # A state saved before the overflow and octave buffers existed covered every value:
+        # nothing overflowed, and the octaves are rebuilt from the bin centres.
+        absent = [n for n in ("overflow", "octave_counts") if prefix + n not in state_dict]
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if not absent or prefix + "histogram" not in state_dict or prefix + "hist_range" not in state_dict:
+            return
+        for name in absent:
+            if prefix + name in missing_keys:
+                missing_keys.remove(prefix + name)
+        self.overflow.zero_()
+        centres = (torch.arange(self.bins, dtype=torch.float32) + 0.5) * (float(self.hist_range) / self.bins)
+        fields = (centres.view(torch.int32) >> 23).long()
+        rebuilt = torch.zeros(_OCTAVES, dtype=torch.int64).index_add_(0, fields, self.histogram.cpu())
+        self.octave_counts.copy_(rebuilt)
 
     # helpers on the histogram
     def _width(self) -> float:
         return float(self.hist_range) / self.bins
 
     def _percentile_amax(self, percentile: float) -> float:
-        counts = self.histogram.double()
+        counts = self.histogram.double().cpu()
         cumulative = torch.cumsum(counts, 0)
-        target = cumulative[-1] * (percentile / 100.0)
-        index = int(torch.searchsorted(cumulative, target).clamp(max=self.bins - 1))
-        return (index + 1) * self._width()
+        overflow = self.overflow.double().cpu()
+        target = (cumulative[-1] + overflow.sum()) * (percentile / 100.0)
+        if target <= cumulative[-1]:
+            index = int(torch.searchsorted(cumulative, target).clamp(max=self.bins - 1))
+            return (index + 1) * self._width()
+        beyond = cumulative[-1] + torch.cumsum(overflow, 0)
+        k = int(torch.searchsorted(beyond, target).clamp(max=_OVERFLOW_OCTAVES - 1))
+        return min(math.ldexp(float(self.hist_range), k + 1), float(torch.finfo(torch.float32).max))
 
     def _quantization_errors(self, amaxes: torch.Tensor) -> torch.Tensor:
         """Sum of squared fake-quant errors of the histogram (bin centres) for each candidate."""
@@ -458,7 +590,7 @@ class _HistogramObserver(ObserverBase):
         return torch.tensor([amax], dtype=torch.float32, device=self.hist_range.device)
 
     def extra_repr(self) -> str:
-        return f"bins={self.bins}, dtype={self.dtype.value}"
+        return f"bins={self.bins}, outlier_ratio={self.outlier_ratio}, dtype={self.dtype.value}"
 
 
 class PercentileObserver(_HistogramObserver):
@@ -478,8 +610,9 @@ class PercentileObserver(_HistogramObserver):
         bins: int = 2048,
         dtype: QuantDType | str = "qint8",
         sync: str = "minmax",
+        outlier_ratio: float | None = 64,
     ) -> None:
-        super().__init__(bins=bins, dtype=dtype, sync=sync)
+        super().__init__(bins=bins, dtype=dtype, sync=sync, outlier_ratio=outlier_ratio)
         if not 0.0 < percentile <= 100.0:
             raise ValueError(f"Expected `percentile` to be in (0, 100], but got {percentile!r}.")
         self.percentile = float(percentile)
@@ -496,9 +629,14 @@ class _StridedHistogramObserver(_HistogramObserver):
     """A histogram observer that tries every ``stride``-th bin edge as its candidate ``amax``."""
 
     def __init__(
-        self, bins: int = 2048, stride: int = 1, dtype: QuantDType | str = "qint8", sync: str = "minmax"
+        self,
+        bins: int = 2048,
+        stride: int = 1,
+        dtype: QuantDType | str = "qint8",
+        sync: str = "minmax",
+        outlier_ratio: float | None = 64,
     ) -> None:
-        super().__init__(bins=bins, dtype=dtype, sync=sync)
+        super().__init__(bins=bins, dtype=dtype, sync=sync, outlier_ratio=outlier_ratio)
         if not isinstance(stride, int) or stride < 1:
             raise ValueError(f"Expected `stride` to be an int >= 1, but got {stride!r}.")
         self.stride = stride
@@ -599,8 +737,9 @@ class MixObserver(_HistogramObserver):
         bins: int = 2048,
         dtype: QuantDType | str = "qint8",
         sync: str = "minmax",
+        outlier_ratio: float | None = 64,
     ) -> None:
-        super().__init__(bins=bins, dtype=dtype, sync=sync)
+        super().__init__(bins=bins, dtype=dtype, sync=sync, outlier_ratio=outlier_ratio)
         percentiles = tuple(float(p) for p in percentiles)
         if not percentiles or not all(0.0 < p <= 100.0 for p in percentiles):
             raise ValueError(
