@@ -72,10 +72,11 @@ def test_qconfig_sweep(tmp_path, monkeypatch):
 @pytest.mark.slow  # trains, converts, patches and traces: tens of seconds on 2 shared cores
 def test_rgb_model_yuv_deploy(tmp_path):
     result = _recipe("rgb_model_yuv_deploy").main(
-        [*TINY, "--eval-images", "64", "--output-dir", str(tmp_path)]
+        [*TINY, "--output-dir", str(tmp_path)]
     )
-    # the patched model on YUV must mostly decide like the converted model on the same RGB images
-    assert result["prediction_agreement"] >= 0.8
+    # the YUV-deployed model, validated on the same images through rgb2centered_yuv, decides
+    # almost like the converted model (full recipe: 0.9741 both, 270 images)
+    assert abs(result["deployed_on_yuv_acc"] - result["converted_on_rgb_acc"]) <= 0.05
     scripted = torch.jit.load(result["torchscript"])
     assert scripted(torch.zeros(1, 3, 16, 16)).shape == (1, 10)
 
@@ -89,10 +90,11 @@ def test_retinanet_wrap():
 def test_two_stage_segments(tmp_path):
     result = _recipe("two_stage_segments").main([*TINY, "--output-dir", str(tmp_path)])
     assert [Path(p).name for p in result["stages"]] == [
-        "stage1_bpu.pt",
-        "stage2_cpu.pt",
-        "stage3_bpu.pt",
+        "stage0_bpu.pt",
+        "stage1_cpu.pt",
+        "stage2_bpu.pt",
     ]
+    assert Path(result["manifest"]).is_file()
     for path in result["stages"]:
         assert isinstance(torch.jit.load(path), torch.jit.ScriptModule)
 

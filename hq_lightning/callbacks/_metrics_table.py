@@ -34,3 +34,26 @@ def render_metrics_table(metrics_table: dict[str, dict[str, float]]) -> str:
     buffer = io.StringIO()
     Console(file=buffer, width=120, force_terminal=False, color_system=None).print(table)
     return buffer.getvalue().rstrip("\n")
+
+
+def render_worst_layers(header: list[str], rows: list[list[str]]) -> str:
+    """The worst layers of the per-layer report as a text table (printed under the phases).
+
+    Example:
+        >>> print(render_worst_layers(["layer", "SQNR int (dB)"], [["head.2", "18.20"]]))
+        ... # doctest: +NORMALIZE_WHITESPACE
+                Worst layers (vs float)
+        ┏━━━━━━━━┳━━━━━━━━━━━━━━━┓
+        ┃ layer  ┃ SQNR int (dB) ┃
+        ┡━━━━━━━━╇━━━━━━━━━━━━━━━┩
+        │ head.2 │         18.20 │
+        └────────┴───────────────┘
+    """
+    table = Table(title="Worst layers (vs float)")
+    for index, name in enumerate(header):
+        table.add_column(name, justify="left" if index == 0 or name in ("type", "dtype") else "right")
+    for row in rows:
+        table.add_row(*row)
+    buffer = io.StringIO()
+    Console(file=buffer, width=120, force_terminal=False, color_system=None).print(table)
+    return buffer.getvalue().rstrip("\n")

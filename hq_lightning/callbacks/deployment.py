@@ -278,7 +278,7 @@ class DeploymentCallback(Callback):
         from hq_lightning.deploy import load_manifest
         from hq_lightning.deploy.manifest import MANIFEST_NAME
 
-        path = self.manifest_path or os.path.join(directory, MANIFEST_NAME)
+        path = os.path.join(directory, MANIFEST_NAME)  # where this run would write it
         try:
             manifest = load_manifest(path)  # validates it and checks every file exists
         except (OSError, ValueError):
@@ -286,6 +286,11 @@ class DeploymentCallback(Callback):
         return manifest["source"]["fingerprint"] == fingerprint
 
     def _deploy(self, trainer: pl.Trainer, pl_module: pl.LightningModule, in_fit: bool) -> None:
+        # validate/test hooks run under inference mode: conversion and tracing need real tensors
+        with torch.inference_mode(False):
+            self._deploy_phase(trainer, pl_module, in_fit)
+
+    def _deploy_phase(self, trainer: pl.Trainer, pl_module: pl.LightningModule, in_fit: bool) -> None:
         from hq_lightning.deploy import deploy_converted, patch_yuv_input
         from hq_lightning.deploy.pipeline import model_fingerprint
 
@@ -298,8 +303,9 @@ class DeploymentCallback(Callback):
         directory = self.resolve_output_dir(trainer)
         if self._already_deployed(fingerprint, directory):
             self.status, self.fingerprint = "done", fingerprint
+            self.manifest_path = os.path.join(directory, "manifest.json")
             rank_zero_info(
-                f"DeploymentCallback: {self.manifest_path or directory} already deploys these "
+                f"DeploymentCallback: {self.manifest_path} already deploys these "
                 "weights (same fingerprint, every file present); not redone."
             )
             return

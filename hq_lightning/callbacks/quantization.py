@@ -39,6 +39,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from hq_lightning.callbacks._layer_report import AUTO_INT16_PHASE, LayerReportMixin
 from hq_lightning.callbacks._metrics_table import render_metrics_table
 from hq_lightning.callbacks._qconfig_checks import (
     check_no_qconfig_attributes,
@@ -61,7 +62,7 @@ __all__ = ["QuantizationCallback", "default_calibration_step"]
 PHASES = ("float", "calibration", "qat", "done")
 _EXPORTS = ("torchscript", "onnx")
 _INPUT_KEYS = ("img", "x", "input")
-_PREFIXES = ("float/", "calibration/", "qat/", "quantized/", "deployed/")
+_PREFIXES = ("float/", "calibration/", f"{AUTO_INT16_PHASE}/", "qat/", "quantized/", "deployed/")
 
 
 def batch_inputs(batch: Any) -> Any:
@@ -86,7 +87,7 @@ def default_calibration_step(pl_module: pl.LightningModule, batch: Any) -> None:
     pl_module(batch_inputs(batch))
 
 
-class QuantizationCallback(Callback):
+class QuantizationCallback(LayerReportMixin, Callback):
     """Quantize one submodule of a LightningModule through float, calibration, QAT and conversion.
 
     Schedule (epochs count from 0): epochs ``< float_epochs`` train float; at the start of epoch
@@ -118,6 +119,16 @@ class QuantizationCallback(Callback):
             module's ``calibration_step`` method if it has one, else :func:`default_calibration_step`.
         metrics: names of the validation metrics copied under each phase prefix; ``None``: every
             metric logged by the validation run.
+        report: write the per-layer similarity report (Markdown, JSON, PNG plots; see
+            docs/profiling.md) of the calibrated model and of the converted one into
+            :meth:`resolve_report_dir`, log the plots to TensorBoard when a logger takes images,
+            and print the five worst layers under the final table.
+        report_batches: calibration batches whose submodule inputs feed the report and auto int16.
+        auto_int16: after calibration, promote the most sensitive layers to int16 outputs (BAYES
+            family) until ``auto_int16_sqnr_floor`` or ``auto_int16_max_layers``, then run QAT;
+            validated once more as phase ``auto_int16``; the layers are kept in the checkpoint.
+        auto_int16_max_layers: the most layers auto int16 promotes.
+        auto_int16_sqnr_floor: stop promoting once the model-output SQNR (dB) reaches it.
 
     Attributes:
         phase: ``"float"``, ``"calibration"``, ``"qat"`` or ``"done"``.
@@ -152,6 +163,11 @@ class QuantizationCallback(Callback):
         example_input: Any = None,
         calibration_step: Callable[[pl.LightningModule, Any], Any] | None = None,
         metrics: Sequence[str] | None = None,
+        report: bool = False,
+        report_batches: int = 4,
+        auto_int16: bool = False,
+        auto_int16_max_layers: int = 3,
+        auto_int16_sqnr_floor: float | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(submodule, str) or not submodule:
@@ -203,6 +219,7 @@ class QuantizationCallback(Callback):
             raise TypeError(f"Expected `calibration_step` to be callable or None, but got {calibration_step!r}.")
         self.calibration_step = calibration_step
         self.metrics = None if metrics is None else tuple(metrics)
+        self._init_layer_report(report, report_batches, auto_int16, auto_int16_max_layers, auto_int16_sqnr_floor)
 
         self.phase = "float"
         self.calibrated = False
@@ -241,6 +258,7 @@ class QuantizationCallback(Callback):
             "finished": self.finished,
             "float_epochs": self.float_epochs,
             "metrics_table": copy.deepcopy(self.metrics_table),
+            **self._layer_report_state(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -252,6 +270,7 @@ class QuantizationCallback(Callback):
         self.calibrated = bool(state_dict.get("calibrated", False))
         self.finished = bool(state_dict.get("finished", phase == "done"))
         self.metrics_table = copy.deepcopy(state_dict.get("metrics_table", {}))
+        self._load_layer_report_state(state_dict)
         self._state_restored = True
         if self.calibrated:
             self._float_template = None  # only a calibration still to come needs the float copy
@@ -268,6 +287,7 @@ class QuantizationCallback(Callback):
             if stage == "fit" and self.calibration_qconfig is not None and not self.calibrated:
                 # dropped again if a checkpoint being restored says calibration is done
                 self._float_template = copy.deepcopy(current)
+            self._layer_report_setup(current)
             self._install_live(pl_module, current)
         if self._refusal_hook is None:  # armed for Lightning's restore only, see _check_state_restored
             self._refusal_hook = self._live.register_load_state_dict_pre_hook(_refuse_float_state)
@@ -277,6 +297,7 @@ class QuantizationCallback(Callback):
         live = self._prepare(current, live_qconfig)
         set_submodule(pl_module, self.submodule, live)
         self._live = live
+        self._layer_report_installed(live)
         self._module = pl_module
         set_fake_quantize(live, FakeQuantState.FLOAT)
 
@@ -371,6 +392,8 @@ class QuantizationCallback(Callback):
             if isinstance(bar, RichProgressBar):
                 bar.teardown(trainer, pl_module, stage)  # stops its live display (idempotent)
             rank_zero_info(render_metrics_table(self.metrics_table))
+            if self._worst_layers_text():
+                rank_zero_info(self._worst_layers_text())
 
     def _finish_workflow(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Calibrate (if still due), convert, validate and export; then the workflow is finished."""
@@ -398,6 +421,7 @@ class QuantizationCallback(Callback):
             self._calibrate(trainer, pl_module)
             self.calibrated = True
             self._evaluate(trainer, "calibration")
+            self._layer_report_after_calibration(trainer, pl_module)
         self.phase = "calibration" if self.ptq_only else "qat"
 
     def _apply_training_state(self, trainer: pl.Trainer) -> None:
@@ -614,6 +638,7 @@ class QuantizationCallback(Callback):
             hook.remove()
             set_submodule(pl_module, self.submodule, self._live)
         quantized.cpu()
+        self._layer_report_after_conversion(trainer)
         directory = self.resolve_output_dir(trainer)  # a collective under DDP: every rank calls it
         if trainer.is_global_zero:
             self._export(directory)
