@@ -25,6 +25,7 @@ from hq_lightning.quantization import (
     prepare_qat_fx,
     set_fake_quantize,
 )
+from hq_lightning.quantization.fx.integer_validation import fake_quant_path
 from hq_lightning.quantization.qconfig import (
     default_qat_8bit_fake_quant_qconfig,
     default_qat_8bit_weight_32bit_out_fake_quant_qconfig,
@@ -158,7 +159,8 @@ def test_bias_on_the_grid_per_march_and_option(march, option, in_qat, in_validat
 
         prepared.eval()
         set_fake_quantize(prepared, FakeQuantState.VALIDATION)
-        out_val = prepared(x)
+        with fake_quant_path():  # the per-module forward (a wholly VALIDATION model runs convert's)
+            out_val = prepared(x)
         torch.testing.assert_close(out_val, _conv_reference(conv, x, in_validation), rtol=0, atol=1e-6)
 
         # CALIBRATION and FLOAT do not fake-quantize the weight: the float bias
@@ -231,10 +233,12 @@ def test_validation_equals_the_converted_layer_bit_for_bit_on_bernoulli(model_cl
     set_fake_quantize(prepared, FakeQuantState.VALIDATION)
     converted = convert_fx(prepared)
     x = torch.randn(8, 3, 8, 8)
-    with torch.no_grad():
+    with torch.no_grad(), fake_quant_path():  # the per-module fake-quant forward
         assert torch.equal(prepared(x), converted(x))
         module.bias_fake_quant = False
         assert not torch.equal(prepared(x), converted(x))
+    with torch.no_grad():  # VALIDATION of the whole model is the integer model, whatever the option
+        assert torch.equal(prepared(x), converted(x))
 
 
 def test_unlinked_module_keeps_the_float_bias_and_says_how_to_link():

@@ -16,6 +16,11 @@ bias on that grid (``bias_fake_quant=None``); then every layer matches exactly e
 fake-quant model's own float32 round-off (about 1e-5 of the elements), ResNet-18 meets both
 targets and MobileNetV2 the arg-max target, while its depth still amplifies those rare one-step
 differences to about 1.6 % of the outputs beyond one step (bench/results/convert.md).
+
+A prepared model wholly in VALIDATION now runs the integer model itself (issue 13), so
+``prepared(x)`` equals ``converted(x)`` bit for bit (asserted last, on the trained models). The
+comparisons above study the per-module fake-quant arithmetic QAT trains with, run under
+``fake_quant_path()``.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from torch import nn
 
 from hq_lightning.nn import qat
 from hq_lightning.quantization import convert_fx
+from hq_lightning.quantization.fx.integer_validation import fake_quant_path
 from tests.calibrate import calibrated
 from tests.models import mobilenet_v2, resnet18
 
@@ -78,7 +84,7 @@ def _calibrated(float_model: nn.Module, x: torch.Tensor) -> nn.Module:
 def _agreement(prepared: nn.Module, converted: nn.Module, x: torch.Tensor) -> tuple[float, float]:
     (classifier,) = [m for m in prepared.modules() if isinstance(m, qat.Linear)]
     step = classifier.activation_post_process.scale
-    with torch.no_grad():
+    with torch.no_grad(), fake_quant_path():
         fake, integer = prepared(x), converted(x)
     within_one_step = ((fake - integer).abs() <= step * (1 + 1e-5)).float().mean().item()
     argmax = (fake.argmax(1) == integer.argmax(1)).float().mean().item()
@@ -105,7 +111,7 @@ def _layers_match_in_isolation(
     for name, module in prepared.named_modules():
         if isinstance(module, qat.FusedWeightedMixin):
             module.register_forward_hook(lambda m, i, o, name=name: fake_io.__setitem__(name, (i, o)))
-    with torch.no_grad():
+    with torch.no_grad(), fake_quant_path():
         prepared(x)
     integer_modules = dict(converted.named_modules())
     assert fake_io
@@ -164,7 +170,9 @@ def test_converted_model_follows_the_fake_quant_model(digits, arch):
 
     with torch.no_grad():
         accuracy = (converted(x_test).argmax(1) == y_test).float().mean().item()
-        fake_accuracy = (prepared(x_test).argmax(1) == y_test).float().mean().item()
+        validation = prepared(x_test)  # VALIDATION: the integer model, bit for bit
+        assert torch.equal(validation, converted(x_test))
+        fake_accuracy = (validation.argmax(1) == y_test).float().mean().item()
         float_accuracy = (float_model(x_test).argmax(1) == y_test).float().mean().item()
     print(f"{arch} accuracy: float {float_accuracy:.4f}, VALIDATION {fake_accuracy:.4f}, converted {accuracy:.4f}")
     assert accuracy >= float_accuracy - 0.03

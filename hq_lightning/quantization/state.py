@@ -10,6 +10,10 @@ FLOAT          any                                         off         off
 =============  ==========================================  ==========  =========
 
 Set the model mode first, then the state: ``model.eval(); set_fake_quantize(model, VALIDATION)``.
+A prepared model wholly in VALIDATION runs the integer model ``convert_fx`` builds from it (bit
+for bit what the converted model computes; see
+:mod:`hq_lightning.quantization.fx.integer_validation`); a mixed state runs the per-module fake
+quant.
 The state applies to the module given and everything below it, so a backbone can validate while
 the head trains.
 
@@ -30,6 +34,7 @@ import enum
 from torch import nn
 
 from hq_lightning.quantization.fake_quantize import FakeQuantize
+from hq_lightning.quantization.fx.integer_validation import invalidate_integer_models
 
 __all__ = ["FakeQuantState", "set_fake_quantize"]
 
@@ -77,6 +82,8 @@ def set_fake_quantize(model: nn.Module, state: FakeQuantState | str) -> None:
             f"Expected the model to be in eval mode for FakeQuantState.{state.name}, but it is in "
             f"train mode: call model.eval() before set_fake_quantize(model, FakeQuantState.{state.name})."
         )
+    # a cached VALIDATION integer model is stale after any switch (docs/integer-arithmetic.md)
+    invalidate_integer_models(model)
     fake_quant_on = state in (FakeQuantState.QAT, FakeQuantState.VALIDATION)
     observer_on = state in (FakeQuantState.QAT, FakeQuantState.CALIBRATION)
     for module in model.modules():

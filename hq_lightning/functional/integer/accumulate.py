@@ -9,6 +9,7 @@ runs as an ordinary float32 convolution; chunk results are summed in float64 (ex
 are split into a signed high byte and an unsigned low byte, ``x = 256 * hi + lo``, both run in the
 same float32 call (stacked on the batch axis) and are recombined exactly. On CUDA the whole sum
 runs in float64 with cuDNN disabled (im2col + DGEMM, no Winograd/FFT transforms, no TF32).
+Autocast is switched off around the float32 convolutions (it would lower them to bf16/fp16).
 The result is saturated to int32: the accumulator of ``docs/integer-arithmetic.md``, section 4.
 
 Example:
@@ -152,6 +153,10 @@ class ConvPlan:
         return grouped.reshape(n, self.groups * (stop - start), *spatial)
 
     def _run(self, x: Tensor, weight: Tensor, stride, padding, dilation, output_padding) -> Tensor:
+        if torch.is_autocast_enabled(x.device.type):
+            # autocast would lower the float32 conv to bf16/fp16 and round the exact sums
+            with torch.autocast(x.device.type, enabled=False):
+                return self._run(x, weight, stride, padding, dilation, output_padding)
         if self.kind == "linear":
             return F.linear(x, weight)
         if self.kind == "conv_transpose2d":

@@ -32,7 +32,9 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import importlib
+import types
 from typing import Any
 
 from torch import fx, nn
@@ -45,8 +47,9 @@ ROOT_ATTR = "_hq_root"
 
 # Attributes of a plain nn.Module; never copied as "plain attributes" of the root.
 _MODULE_INTERNALS = frozenset(nn.Module().__dict__) | {"forward"}
-# Attributes that describe the graph, rebuilt rather than copied when re-creating a module.
-_GRAPH_KEYS = frozenset({"_graph", "_code", "_lineno_map", "_prologue_start"})
+# Attributes that describe the graph, rebuilt rather than copied when re-creating a module,
+# and derived state (the VALIDATION integer model) that a new module derives again.
+_GRAPH_KEYS = frozenset({"_graph", "_code", "_lineno_map", "_prologue_start", "_hq_integer_model"})
 
 
 class _ModuleInitShim(nn.Module):
@@ -115,6 +118,17 @@ class QuantGraphModule(fx.GraphModule):
         # torch's _copy_attr may assign it when a plain GraphModule is built from this one.
         pass
 
+    def recompile(self):
+        # The generated forward is wrapped so that a prepared model wholly in VALIDATION runs its
+        # integer model (quantization/fx/integer_validation.py); any other model, state or a
+        # tracer gets the generated code. Hooks of the module still run around it.
+        code = super().recompile()
+        cls = type(self)
+        generated = cls.__dict__.get("forward")
+        if generated is not None and not hasattr(generated, "_hq_generated"):
+            cls.forward = _validating_forward(generated)
+        return code
+
     def __str__(self) -> str:
         # Like the plugin: the module tree, then the generated code (no debug reminder line).
         return f"{nn.Module.__repr__(self)}\n{self._code}"
@@ -135,6 +149,30 @@ class QuantGraphModule(fx.GraphModule):
             _rebuild_graph_module,
             (self.__dict__.get("_hq_root_class"), body, _graph_to_state(self.graph)),
         )
+
+
+def _validation_forward(model, generated, args, kwargs):
+    from hq_lightning.quantization.fx.integer_validation import validation_forward
+
+    return validation_forward(model, generated, args, kwargs)
+
+
+def _forward_template(self, *args, **kwargs):
+    if self.training:  # QAT and training-mode calibration: the generated code, no overhead
+        return _hq_generated_forward(self, *args, **kwargs)  # noqa: F821 - a global of the code
+    return _hq_validation_forward(self, _hq_generated_forward, args, kwargs)  # noqa: F821
+
+
+def _validating_forward(generated):
+    # The wrapper runs in the generated code's own globals (a private copy per compiled forward),
+    # so a tracer that patches `wrap`ped functions in the forward's globals still reaches them.
+    namespace = generated.__globals__
+    namespace["_hq_generated_forward"] = generated
+    namespace["_hq_validation_forward"] = _validation_forward
+    forward = types.FunctionType(_forward_template.__code__, namespace, "forward")
+    functools.update_wrapper(forward, generated)
+    forward._hq_generated = generated
+    return forward
 
 
 _DYNAMIC_CLASSES: dict[type, type] = {}
@@ -199,12 +237,6 @@ class _NodeRef:
 
     def __init__(self, name: str) -> None:
         self.name = name
-
-    def __copy__(self) -> QuantGraphModule:
-        # Shallow copy (shares submodules and the graph), keeping our class and every child.
-        res = build_graph_module(self, self.graph)
-        res.meta = getattr(self, "meta", {})
-        return res
 
     def __reduce__(self):
         return (_NodeRef, (self.name,))
