@@ -38,6 +38,9 @@ _EXPORTS = {
     "prepare_qat_fx": "fx.prepare",
     "convert_fx": "fx.convert",
     "register_fusion_pattern": "fx.patterns",
+    "float_islands": "fx.islands",
+    "FloatIsland": "fx.islands",
+    "FloatIslandWarning": "fx.islands",
     # per-layer sensitivity and mixed-precision fallback
     "layer_sensitivity": "sensitivity",
     "LayerSensitivity": "sensitivity",

@@ -10,8 +10,13 @@ Steps, never in place:
    walking all submodules, so modules called only inside wrapped methods are prepared too;
    generated ``_generated_<op>_<i>`` modules inherit the qconfig of the module whose ``forward``
    called the op;
-4. check the graph: every operation on a quantized activation (from a QuantStub up to a
-   DeQuantStub) must be quantizable, else ONE error lists them all;
+4. find the float islands (:mod:`.islands`): every operation on a quantized activation that
+   cannot run on integers (no integer form on the march, an argument computed at run time that
+   cannot be kept, a leaf nobody can see into) or that the user keeps in float (``None``
+   qconfig, ``wrap``, a DeQuantStub...QuantStub pair) runs in float between an inserted
+   dequantize and a re-entry QuantStub; a :class:`~.islands.FloatIslandWarning` lists them, and
+   ``allow_float_islands=False`` refuses them instead with ONE error listing every op, why, and
+   what to do;
 5. link each weighted QAT module to the ``FakeQuantize`` producing its input
    (:mod:`.input_fake_quant`) and set its ``bias_fake_quant`` option, so its bias can be
    fake-quantized on the int32 accumulator grid ``s_in * s_w`` like the converted layer's.
@@ -37,7 +42,6 @@ Example:
 
 from __future__ import annotations
 
-import builtins
 import copy
 import warnings
 from collections.abc import Mapping
@@ -46,6 +50,7 @@ from typing import Any
 from torch import fx, nn
 
 from hq_lightning.nn import qat
+from hq_lightning.quantization.fx import islands as islands_pass
 from hq_lightning.quantization.fx import qat_mapping
 from hq_lightning.quantization.fx.input_fake_quant import link_input_fake_quants
 from hq_lightning.quantization.fx.qconfig_tree import (
@@ -55,7 +60,6 @@ from hq_lightning.quantization.fx.qconfig_tree import (
 )
 from hq_lightning.quantization.qconfig import QConfig
 from hq_lightning.quantization.stubs import is_quant_stub
-from hq_lightning.utils import fx_helper
 
 __all__ = ["QAT_MODES", "UnsupportedOperationError", "prepare_qat_fx"]
 
@@ -63,11 +67,10 @@ __all__ = ["QAT_MODES", "UnsupportedOperationError", "prepare_qat_fx"]
 QAT_MODES = ("fuse_bn", "with_bn")
 
 _QCONFIG_ATTR = "qconfig"
-_MISSING = object()
 
 
 class UnsupportedOperationError(RuntimeError):
-    """Operations that cannot run on quantized activations sit between QuantStub and DeQuantStub."""
+    """Operations that cannot run on integers sit between QuantStub and DeQuantStub (strict mode)."""
 
 
 def prepare_qat_fx(
@@ -77,6 +80,7 @@ def prepare_qat_fx(
     *,
     qat_mode: str = "fuse_bn",
     bias_fake_quant: bool | None = None,
+    allow_float_islands: bool = True,
 ) -> fx.GraphModule:
     """Fuse ``model`` and replace its modules by fake-quant ``hq_lightning.nn.qat`` modules.
 
@@ -96,6 +100,12 @@ def prepare_qat_fx(
             the float bias; ``True``: also during QAT on every march; ``False``: never (the float
             bias everywhere). Each weighted module's ``bias_fake_quant`` attribute can be changed
             later.
+        allow_float_islands: ``True`` (default): ops on quantized activations that cannot run
+            on integers, or that the qconfig / ``wrap`` / a DeQuantStub...QuantStub pair keep in
+            float, run in float inside the prepared and the converted model (dequantize in,
+            quantize out; :func:`~hq_lightning.quantization.float_islands` lists them and a
+            ``FloatIslandWarning`` reports them). ``False``: the whole quantized region must run
+            on integers; any island raises :class:`UnsupportedOperationError`.
 
     Returns:
         the prepared GraphModule, in the same train/eval mode as ``model``.
@@ -103,13 +113,18 @@ def prepare_qat_fx(
     Raises:
         ValueError: bad ``qat_mode``, a ``module_name`` naming no module, mixed calibration and
             QAT qconfigs.
-        UnsupportedOperationError: operations on quantized activations that cannot be quantized.
+        UnsupportedOperationError: ``allow_float_islands=False`` and some ops would run in float
+            (each listed with why and the remedy).
     """
     del example_inputs  # symbolic tracing needs no inputs
     if qat_mode not in QAT_MODES:
         raise ValueError(f"Expected `qat_mode` to be one of {QAT_MODES}, but got {qat_mode!r}.")
     if not isinstance(model, nn.Module):
         raise TypeError(f"Expected `model` to be an nn.Module, but got {type(model).__name__}.")
+    if not isinstance(allow_float_islands, bool):
+        raise TypeError(
+            f"Expected `allow_float_islands` to be True or False, but got {allow_float_islands!r}."
+        )
     if bias_fake_quant is not None and not isinstance(bias_fake_quant, bool):
         raise TypeError(
             f"Expected `bias_fake_quant` to be None (march default), True or False, but got {bias_fake_quant!r}."
@@ -143,12 +158,13 @@ def prepare_qat_fx(
         return tree.by_name.get(path, qconfig)
 
     resolved_final: dict[str, QConfig | None] = {"": qconfigs[""]}
-    _swap_modules(fused, "", qconfig_of, resolved_final, {})
+    originals: dict[str, nn.Module] = {}
+    _swap_modules(fused, "", qconfig_of, resolved_final, {}, originals)
     for module in fused.modules():
         # float modules that stay float do not keep the recorded qconfig (no override on re-prepare)
         if not _is_qat_module(module):
             module.__dict__.pop(_QCONFIG_ATTR, None)
-    _check_supported(fused, resolved_final)
+    _check_islands(fused, resolved_final, tree.global_qconfig, originals, allow_float_islands)
     for module in fused.modules():
         if isinstance(module, qat.FusedWeightedMixin):
             module.bias_fake_quant = bias_fake_quant
@@ -176,7 +192,14 @@ def _is_qat_module(module: nn.Module) -> bool:
     return type(module).__module__.startswith("hq_lightning.nn.qat") or is_qat_module(module)
 
 
-def _swap_modules(module: nn.Module, prefix: str, qconfig_of: Any, resolved: dict[str, Any], memo: dict[int, nn.Module]) -> None:
+def _swap_modules(
+    module: nn.Module,
+    prefix: str,
+    qconfig_of: Any,
+    resolved: dict[str, Any],
+    memo: dict[int, nn.Module],
+    originals: dict[str, nn.Module],
+) -> None:
     for name, child in list(module.named_children()):
         path = f"{prefix}.{name}" if prefix else name
         if id(child) in memo:  # a shared module stays shared
@@ -188,29 +211,23 @@ def _swap_modules(module: nn.Module, prefix: str, qconfig_of: Any, resolved: dic
         if qat_class is not None and qconfig is not None:
             new = qat_class.from_float(child, qconfig)
             memo[id(child)] = new
+            originals[path] = child
             setattr(module, name, new)
         elif qat_mapping.is_fused_module(child) or _is_qat_module(child):
             continue
         else:
-            _swap_modules(child, path, qconfig_of, resolved, memo)
+            _swap_modules(child, path, qconfig_of, resolved, memo, originals)
 
 
-def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
-    path = node.meta.get("hq_module_path", "")
-    where = f"in module {path!r}" if path else "in the root's forward"
-    target = node.target
-    if node.op == "call_module":
-        target = f"{target}: {type(modules[str(target)]).__name__}"
-    if node.op == "call_function":
-        target = getattr(target, "__qualname__", getattr(target, "__name__", repr(target)))
-        module = getattr(node.target, "__module__", None)
-        if module and module not in ("_operator", "builtins"):
-            target = f"{module}.{target}"
-    return f"{node.name} ({node.op} {target}) {where}"
-
-
-def _check_supported(graph_module: fx.GraphModule, qconfigs: dict[str, Any]) -> None:
+def _check_islands(
+    graph_module: fx.GraphModule,
+    qconfigs: dict[str, Any],
+    global_qconfig: Any,
+    originals: dict[str, nn.Module],
+    allow_float_islands: bool,
+) -> None:
     modules = dict(graph_module.named_modules())
+    graph_module.__dict__[islands_pass.ISLANDS_ATTR] = ()
     if not any(isinstance(m, qat.QuantStub) for m in modules.values()):
         if not any(is_quant_stub(m) for m in modules.values()):
             warnings.warn(
@@ -221,67 +238,18 @@ def _check_supported(graph_module: fx.GraphModule, qconfigs: dict[str, Any]) -> 
                 stacklevel=3,
             )
         return
-    quantized: set[fx.Node] = set()
-    problems: list[str] = []
-    for node in graph_module.graph.nodes:
-        if node.op == "call_module" and isinstance(modules.get(str(node.target)), qat.QuantStub):
-            quantized.add(node)
-            continue
-        if node.op in ("placeholder", "get_attr", "output"):
-            continue
-        if not any(arg in quantized for arg in node.all_input_nodes):
-            continue
-        verdict = _classify(node, modules, qconfigs)
-        if verdict == "quantized":
-            quantized.add(node)
-        elif verdict == "unsupported":
-            problems.append(_describe(node, modules))
-            quantized.add(node)  # keep propagating so that every problem is listed at once
-    if problems:
-        listed = "\n".join(f"  - {p}" for p in problems)
-        raise UnsupportedOperationError(
-            f"Expected only quantizable operations between QuantStub and DeQuantStub, but got "
-            f"{len(problems)} unsupported operation(s) on quantized activations:\n{listed}\n"
-            "For each: put a DeQuantStub before it so it runs in float, keep it out of the graph "
-            "with hq_lightning.utils.fx_helper.wrap, or give the module that calls it qconfig None."
-        )
-
-
-def _classify(node: fx.Node, modules: dict[str, nn.Module], qconfigs: dict[str, Any]) -> str:
-    """'quantized' (output stays quantized), 'float' (accepted, output float) or 'unsupported'."""
-    owner = node.meta.get("hq_module_path", "")
-    if node.op == "call_module":
-        module = modules[str(node.target)]
-        if qat_mapping.is_dequant(module):
-            return "float"
-        if _is_qat_module(module) or qat_mapping.is_scale_preserving(module):
-            return "quantized"
-        if fx_helper.is_wrapped_module_class(module) or qconfigs.get(str(node.target), _MISSING) is None:
-            return "float"  # opaque by the user's choice, or deliberately kept float
-        return "unsupported"
-    if qconfigs.get(owner, _MISSING) is None:
-        return "float"  # functions inherit their caller's qconfig: None keeps them float
-    if node.op == "call_method":
-        target = str(node.target)
-        first = node.args[0] if node.args else None
-        if isinstance(first, fx.Node) and first.op == "get_attr":
-            module = modules.get(str(first.target))
-            if isinstance(module, qat.FloatFunctional):
-                return "quantized"
-            if module is not None and qconfigs.get(str(first.target), _MISSING) is None:
-                return "float"
-        if target in qat_mapping.NON_TENSOR_METHODS:
-            return "float"
-        if qat_mapping.is_scale_preserving_method(target):
-            return "quantized"
-        return "unsupported"
-    if node.op == "call_function":
-        target = node.target
-        if fx_helper.is_wrapped_callable(target):
-            return "float"  # the user took it out of the graph: its insides are theirs
-        if target is builtins.getattr:
-            return "float" if len(node.args) > 1 and node.args[1] in qat_mapping.NON_TENSOR_METHODS else "quantized"
-        if qat_mapping.is_scale_preserving_function(target):
-            return "quantized"
-        return "unsupported"
-    return "quantized"
+    islands = islands_pass.insert_float_islands(graph_module, qconfigs, global_qconfig, originals)
+    if not islands:
+        return
+    if not allow_float_islands:
+        raise UnsupportedOperationError(islands_pass.strict_error_message(islands))
+    warnings.warn(
+        islands_pass.island_summary(
+            islands,
+            f"{len(islands)} float island(s) run in float between integer parts of the model "
+            "(dequantize in, quantize out; hq_lightning.quantization.float_islands(model) lists "
+            "them, allow_float_islands=False refuses them):",
+        ),
+        islands_pass.FloatIslandWarning,
+        stacklevel=3,
+    )

@@ -98,6 +98,9 @@ class Spelling:
         ignored: bound names the module does not take (``inplace``: a generated module is never
             in place).
         input_name: keyword name of the input (``input``; ``self`` for some methods).
+        dynamic: names whose value may be computed at run time (``size`` of an interpolation
+            taken from another tensor's shape): such a value is not a constructor argument but
+            a keyword argument of the module's forward (:meth:`bind_dynamic`).
     """
 
     target: Any
@@ -107,9 +110,45 @@ class Spelling:
     fixed: dict[str, Any] = field(default_factory=dict)
     ignored: tuple[str, ...] = ("inplace",)
     input_name: str = "input"
+    dynamic: tuple[str, ...] = ()
 
     def bind(self, args: tuple, kwargs: dict) -> tuple[Any, dict[str, Any]] | None:
         """``(input, constructor kwargs)`` for a call ``target(*args, **kwargs)``, or ``None``."""
+        bound = self.bind_dynamic(args, kwargs)
+        if bound is None or bound[2]:
+            return None
+        return bound[0], bound[1]
+
+    def bind_dynamic(self, args: tuple, kwargs: dict) -> tuple[Any, dict[str, Any], dict[str, Any]] | None:
+        """``(input, constructor kwargs, run-time kwargs)``, or ``None`` when the call does not bind.
+
+        Run-time kwargs are the ``dynamic`` names whose value is (or holds) an ``fx.Node``.
+        """
+        found = self._bind(args, kwargs)
+        if found is None:
+            return None
+        x, ctor = found
+        runtime = {k: ctor.pop(k) for k in list(ctor) if k in self.dynamic and _holds_node(ctor[k])}
+        if any(_holds_node(v) for v in ctor.values()):
+            return None  # an argument computed at run time cannot become a module attribute
+        return x, ctor, runtime
+
+    def why_not(self, args: tuple, kwargs: dict) -> str | None:
+        """Why a call does not become the op's module (for error messages), ``None`` if it does."""
+        found = self._bind(args, kwargs)
+        if found is None:
+            loose = Spelling(self.target, self.params, self.defaults, input_name=self.input_name)._bind(args, kwargs)
+            if loose is not None:
+                for key, value in self.fixed.items():
+                    if loose[1].get(key, _MISSING) != value:
+                        return f"`{key}={loose[1].get(key)!r}` has no integer form (only {key}={value!r})"
+            return f"a call of {self.name()} with arguments it is not known to take"
+        names = [k for k, v in found[1].items() if _holds_node(v) and k not in self.dynamic]
+        if names:
+            return f"argument `{names[0]}` is computed at run time and cannot be kept"
+        return None
+
+    def _bind(self, args: tuple, kwargs: dict) -> tuple[Any, dict[str, Any]] | None:
         kwargs = dict(kwargs)
         if args:
             x, rest = args[0], tuple(args[1:])
@@ -125,8 +164,6 @@ class Spelling:
             if key not in self.params:
                 return None
             bound[key] = value
-        if any(isinstance(v, fx.Node) for v in bound.values()):
-            return None  # an argument computed at run time cannot become a module attribute
         for key, value in self.fixed.items():
             if bound.get(key, _MISSING) != value:
                 return None
@@ -176,6 +213,9 @@ class OpSpec:
         error: error bound of the integer op: ``bit-exact`` (against its reference, and so
             against VALIDATION), or a bound in output steps against the float function.
         reference: the slow reference the integer op is tested against.
+        check: ``check(node) -> reason | None``: why one call of a ``functions`` / ``methods``
+            spelling cannot run on integers (``F.pad`` with a value other than 0), so it runs
+            as a float island; ``None``: every call can.
     """
 
     name: str
@@ -196,6 +236,7 @@ class OpSpec:
     dtypes: tuple[str, ...] = ("qint8", "qint16")
     error: str = "bit-exact"
     reference: str = ""
+    check: Callable[[fx.Node], str | None] | None = None
 
     def preserves_scale(self, module: nn.Module | None = None) -> bool:
         """Whether this op (or this instance of it) keeps its input's scale (no fake quant)."""
@@ -220,6 +261,14 @@ class OpSpec:
             if n not in seen:
                 seen.append(n)
         return seen
+
+
+def _holds_node(value: Any) -> bool:
+    if isinstance(value, fx.Node):
+        return True
+    if isinstance(value, (tuple, list)):
+        return any(_holds_node(v) for v in value)
+    return False
 
 
 def _callable_name(target: Any) -> str:
