@@ -125,6 +125,11 @@ def build_quantization_callback(
         convert_at_end=bool(quant.convert_at_end),
         output_dir=output_dir,
         export=tuple(quant.export),
+        report=bool(quant.get("report", False)),
+        report_batches=int(quant.get("report_batches", 4)),
+        auto_int16=bool(quant.get("auto_int16", False)),
+        auto_int16_max_layers=int(quant.get("auto_int16_max_layers", 3)),
+        auto_int16_sqnr_floor=quant.get("auto_int16_sqnr_floor"),
     )
 
 

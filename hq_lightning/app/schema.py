@@ -150,6 +150,13 @@ class QuantConf:
     qat_mode: str = "with_bn"
     convert_at_end: bool = True
     export: list[str] = field(default_factory=lambda: ["torchscript"])
+    # per-layer similarity report + plots in <run dir>/report (docs/profiling.md)
+    report: bool = False
+    report_batches: int = 4
+    # +quant=auto_int16: promote the most sensitive layers to int16 outputs after calibration
+    auto_int16: bool = False
+    auto_int16_max_layers: int = 3
+    auto_int16_sqnr_floor: Optional[float] = None
 
 
 @dataclass

@@ -108,6 +108,19 @@ class LayerReportMixin:
             from hq_lightning.quantization.sensitivity import promote_to_int16
 
             promote_to_int16(live, self.int16_layers, recompute_scale=False)
+        live.register_load_state_dict_pre_hook(self._int16_before_load)
+
+    def _int16_before_load(self, module: nn.Module, state_dict, prefix, *args: Any) -> None:
+        """Lightning restores the weights before the callbacks' states: make the checkpoint's int16
+        layers int16 before their scales are loaded (a fake quant's dtype is not in a state_dict)."""
+        from hq_lightning.quantization.sensitivity import promote_to_int16
+
+        trainer = getattr(self._module, "_trainer", None)
+        checkpoint = getattr(getattr(trainer, "_checkpoint_connector", None), "_loaded_checkpoint", None)
+        state = ((checkpoint or {}).get("callbacks") or {}).get(self.state_key) or {}
+        layers = [p for p in state.get("int16_layers") or [] if p not in self.int16_layers]
+        if layers:
+            promote_to_int16(module, layers, recompute_scale=False)
 
     def _layer_report_setup(self, float_module: nn.Module) -> None:
         if not self.report or self._float_layers is not None:
@@ -118,6 +131,28 @@ class LayerReportMixin:
             self._float_layers = float_layer_map(float_module, fold_bn=self.qat_mode == "fuse_bn")
         except Exception:  # the prepare that follows names any tracing problem
             self._float_layers = {}
+
+    def load_for_report(self, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> nn.Module:
+        """Outside a Trainer: prepare ``pl_module``'s submodule as fit does, load a checkpoint this
+        callback wrote (weights, scales, phase, int16 layers) and return the prepared submodule.
+
+        Raises:
+            KeyError: the checkpoint has no ``state_dict``.
+        """
+        float_module = get_submodule(pl_module, self.submodule)
+        report, self.report = self.report, True
+        try:
+            self._layer_report_setup(float_module)
+        finally:
+            self.report = report
+        self._install_live(pl_module, float_module)
+        state = (checkpoint.get("callbacks") or {}).get(self.state_key)
+        if state is not None:
+            self._load_layer_report_state(state)  # int16 layers before their scales are loaded
+        pl_module.load_state_dict(checkpoint["state_dict"], strict=True)
+        if state is not None:
+            self.load_state_dict(state)
+        return self._live
 
     def resolve_report_dir(self, trainer: pl.Trainer) -> str:
         """``<output_dir>/report`` when ``output_dir`` is set, else ``<log dir>/report``."""
