@@ -6,7 +6,6 @@ with scalar Python arithmetic (``fractions.Fraction`` for exact real factors).
 
 from __future__ import annotations
 
-import math
 from fractions import Fraction
 
 import numpy as np
@@ -40,22 +39,49 @@ def ref_dequantize(q: np.ndarray, scales: list[float]) -> np.ndarray:
     return out
 
 
-def ref_multipliers(reals: list[float]) -> tuple[list[int], int]:
-    """Shared-shift multipliers: the rule of section 3, coded with frexp and Fractions."""
-    big = max(reals)
-    if big == 0:
+def ref_multipliers(reals: list[float], magnitudes: list[int] | None = None) -> tuple[list[int], int]:
+    """Multipliers of factors summed before one rounding (section 3), with Fractions.
+
+    Each nonzero factor's own shift gives it 31 bits; the common shift is the finest (at most
+    62), lowered one by one while ``sum X_i m_i >= 3 * 2^61`` (``X_i`` the operand magnitudes,
+    default ``2^15``); then common factors of two are stripped.
+    """
+    magnitudes = [2**15] * len(reals) if magnitudes is None else magnitudes
+    own, alive = [], False
+    for r in reals:
+        if r == 0:
+            continue
+        frac = Fraction(r)
+        n = 0
+        while frac * 2**n < 2**30:  # the smallest n with M 2^n in [2^30, 2^31)
+            n += 1
+        while frac * 2**n >= 2**31:
+            n -= 1
+        if round(frac * 2**n) == 2**31:  # rounds up out of 31 bits
+            n -= 1
+        own.append(n)
+        m, k = round(frac * 2**n), n  # this factor alone, canonical: dead if its shift stays > 62
+        while k > 0 and m % 2 == 0:
+            m, k = m // 2, k - 1
+        alive = alive or k <= 62
+    if not alive:
         return [0] * len(reals), 0
-    _, e = math.frexp(big)
-    n = 31 - e
-    if round(Fraction(big) * 2**n) == 2**31:
+    n = min(max(own), 62)
+    while True:
+        ms = [round(Fraction(r) * 2**n) for r in reals]  # Fraction round: half to even
+        if sum(x * m for x, m in zip(magnitudes, ms)) < 3 * 2**61:
+            break
         n -= 1
-    ms = [round(Fraction(r) * 2**n) for r in reals]
+        assert n >= 0, "factors too large to sum in int64"
     while n > 0 and all(m % 2 == 0 for m in ms):
         ms = [m // 2 for m in ms]
         n -= 1
-    if n > 62:
-        return [0] * len(reals), 0
     return ms, n
+
+
+def ref_fused_add_exact(acc: int, y: int, s_acc: float, s_y: float, s_out: float) -> Fraction:
+    """The exact rational value ``acc * s_acc / s_out + y * s_y / s_out`` of a fused add, in output steps."""
+    return (acc * Fraction(s_acc) + y * Fraction(s_y)) / Fraction(s_out)
 
 
 def rshift_round(v: int, n: int) -> int:
@@ -125,7 +151,9 @@ def ref_conv_transpose2d(x, w, stride, padding, output_padding, groups=1, dilati
     return out
 
 
-def ref_conv_output(acc, bias, s_in, s_w, s_out, out_dtype, activation=None, addend=None, s_y=None):
+def ref_conv_output(
+    acc, bias, s_in, s_w, s_out, out_dtype, activation=None, addend=None, s_y=None, addend_dtype="qint8"
+):
     """Per-channel epilogue of section 5 on an exact accumulator ``acc`` [N, C, ...] (objects)."""
     out = np.zeros(acc.shape, dtype=np.int64)
     channels = acc.shape[1]
@@ -145,9 +173,11 @@ def ref_conv_output(acc, bias, s_in, s_w, s_out, out_dtype, activation=None, add
                 out[idx] = v
             continue
         reals = [s_acc / float(s_out)]
+        magnitudes = [2**31]
         if addend is not None:
             reals.append(float(s_y) / float(s_out))
-        ms, n = ref_multipliers(reals)
+            magnitudes.append(-RANGES[addend_dtype][0])
+        ms, n = ref_multipliers(reals, magnitudes)
         lo, hi = RANGES[out_dtype]
         if activation is not None:
             lo = 0

@@ -18,6 +18,8 @@ from hq_lightning.functional.integer.interpolate import (
     bilinear_taps,
 )
 from hq_lightning.functional.integer.multiplier import (
+    ACCUMULATOR_MAGNITUDE,
+    ACTIVATION_MAGNITUDE,
     MAX_SHIFT,
     MULTIPLIER_BITS,
     quantize_multiplier,
@@ -27,6 +29,7 @@ from hq_lightning.functional.integer.pooling import (
     adaptive_avg_pool_sums,
     adaptive_windows,
     avg_pool_sum,
+    integer_max_pool,
 )
 from hq_lightning.functional.integer.quantize import (
     channel_view,
@@ -42,6 +45,8 @@ from hq_lightning.functional.integer.rounding import (
 )
 
 __all__ = [
+    "ACCUMULATOR_MAGNITUDE",
+    "ACTIVATION_MAGNITUDE",
     "BILINEAR_FRACTION_BITS",
     "EXACT_FLOAT32_BOUND",
     "EXACT_FLOAT64_BOUND",
@@ -53,6 +58,7 @@ __all__ = [
     "adaptive_avg_pool_sums",
     "adaptive_windows",
     "avg_pool_sum",
+    "integer_max_pool",
     "bilinear_accumulate",
     "bilinear_taps",
     "channel_view",

@@ -122,6 +122,8 @@ def _channel_is_exact(
     addend_hi: int,
     bound: int,
 ) -> bool:
+    if mult > bound or abs(addend_hi) > bound or abs(addend_lo) > bound:
+        return False  # the float64 factors themselves would not be exact
     constant = bias * mult + ((1 << (shift - 1)) if shift > 0 else 0)
     if mult > 0:
         one = 1 << shift

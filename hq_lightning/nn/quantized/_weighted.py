@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from hq_lightning.dtype import QuantDType, as_dtype, torch_dtype
 from hq_lightning.functional.integer import (
+    ACCUMULATOR_MAGNITUDE,
     EXACT_FLOAT64_BOUND,
     ConvPlan,
     channel_view,
@@ -178,9 +179,12 @@ class QuantizedWeightedModule(nn.Module):
             return
         s_out = self.output_scale.to(torch.float64)
         reals = [s_acc / s_out]
+        magnitudes = [ACCUMULATOR_MAGNITUDE]
         if self.has_addend:
+            # each term keeps its own 31 bits, aligned on the finer shift (docs section 3)
             reals.append((self.addend_scale.to(torch.float64) / s_out).expand(channels))
-        mults, shift = quantize_multipliers(*reals)
+            magnitudes.append(-bounds(self.addend_dtype)[0])
+        mults, shift = quantize_multipliers(*reals, magnitudes=magnitudes)
         self.register_buffer("multiplier", mults[0])
         self.register_buffer("shift", shift)
         self.register_buffer("offset", rounding_offset(shift))
