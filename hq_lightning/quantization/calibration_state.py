@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from hq_lightning.quantization.fake_quantize import FakeQuantize
+from hq_lightning.quantization.march_record import check_march_record
 
 __all__ = ["copy_calibration_state", "copy_float_state", "fake_quant_names"]
 
@@ -82,6 +83,10 @@ def copy_calibration_state(calibrated: nn.Module, live: nn.Module) -> list[str]:
     min/max observer of ``live`` is seeded with the calibrated symmetric range ``[-amax, amax]``,
     so that QAT continues from the calibrated scale instead of restarting from its first batch.
 
+    Raises:
+        ValueError: when a FakeQuantize of ``calibrated`` was built for another march or dtype
+            than its counterpart in ``live`` (hq_lightning.quantization.march_record).
+
     Returns:
         the names of the FakeQuantize modules that received a calibrated state.
     """
@@ -96,6 +101,9 @@ def copy_calibration_state(calibrated: nn.Module, live: nn.Module) -> list[str]:
                 f"does, but got {type(target).__name__ if target is not None else 'nothing'}: give both "
                 "qconfig trees the same skipped (None) modules."
             )
+        # a scale is only right for the march and dtype it was computed for
+        check_march_record(source.get_extra_state(), target.march, target.dtype, where=name,
+                           source="the calibrated model's")
         src_obs, dst_obs = source.activation_post_process, target.activation_post_process
         if not getattr(src_obs, "initialized", True):
             continue

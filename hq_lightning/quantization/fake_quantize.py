@@ -31,6 +31,12 @@ from torch import nn
 from hq_lightning.dtype import QuantDType, as_dtype, qinfo
 from hq_lightning.march import get_march, supports_int16
 from hq_lightning.quantization.factory import WithArgsMixin
+from hq_lightning.quantization.march_record import (
+    EXTRA_STATE_SUFFIX,
+    check_march_record,
+    encode_march_record,
+    warn_unrecorded,
+)
 from hq_lightning.quantization.observer import (
     MovingAveragePerTensorMinMaxObserver,
     normalize_ch_axis,
@@ -334,9 +340,33 @@ class FakeQuantize(WithArgsMixin, nn.Module):
             x = fake_quantize(x, self.scale, self.dtype, self.ch_axis)
         return x
 
+    # the march/dtype record (hq_lightning.quantization.march_record)
+    def get_extra_state(self) -> torch.Tensor:
+        """The record of the march and dtype this fake quant was built for, saved with its scale."""
+        return encode_march_record(self.march, self.dtype)
+
+    def set_extra_state(self, state: Any) -> None:
+        """Refuse a record of another march or dtype (``load_state_dict`` calls this)."""
+        check_march_record(state, self.march, self.dtype)
+
+    def _check_record_before_load(self, state_dict, prefix) -> None:
+        # before any of this module's state is copied, naming the module
+        key = prefix + EXTRA_STATE_SUFFIX
+        if key in state_dict:
+            check_march_record(state_dict[key], self.march, self.dtype, where=prefix[:-1] or None)
+
+    def _accept_unrecorded_after_load(self, state_dict, prefix, missing_keys) -> None:
+        # a state saved before the record existed loads (strictly too), with one warning
+        key = prefix + EXTRA_STATE_SUFFIX
+        if key not in state_dict and prefix + "scale" in state_dict:
+            if key in missing_keys:
+                missing_keys.remove(key)
+            warn_unrecorded()
+
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
+        self._check_record_before_load(state_dict, prefix)
         self.__dict__["_scale_stale"] = False  # the checkpoint's scale wins
         # per-channel scale starts as shape [0]; take the checkpoint's channel count
         for name in ("scale", "zero_point"):
@@ -349,6 +379,7 @@ class FakeQuantize(WithArgsMixin, nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        self._accept_unrecorded_after_load(state_dict, prefix, missing_keys)
 
     def extra_repr(self) -> str:
         return (

@@ -243,6 +243,7 @@ class LearnableFakeQuantize(FakeQuantize):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
+        self._check_record_before_load(state_dict, prefix)
         self.__dict__["_scale_stale"] = False  # the checkpoint's scale wins
         param = self._parameters["scale"]
         key = prefix + "scale"
@@ -260,6 +261,7 @@ class LearnableFakeQuantize(FakeQuantize):
         nn.Module._load_from_state_dict(
             self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        self._accept_unrecorded_after_load(state_dict, prefix, missing_keys)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, grad_scale={self.grad_scale}, learning={self._scale_initialized}"
