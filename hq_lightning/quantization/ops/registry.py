@@ -101,6 +101,8 @@ class Spelling:
         dynamic: names whose value may be computed at run time (``size`` of an interpolation
             taken from another tensor's shape): such a value is not a constructor argument but
             a keyword argument of the module's forward (:meth:`bind_dynamic`).
+        tensors: the ``dynamic`` names that must be activations (the divisor of ``x / y``);
+            the other ``dynamic`` names must not hold one (a size, not a tensor's values).
     """
 
     target: Any
@@ -111,6 +113,7 @@ class Spelling:
     ignored: tuple[str, ...] = ("inplace",)
     input_name: str = "input"
     dynamic: tuple[str, ...] = ()
+    tensors: tuple[str, ...] = ()
 
     def bind(self, args: tuple, kwargs: dict) -> tuple[Any, dict[str, Any]] | None:
         """``(input, constructor kwargs)`` for a call ``target(*args, **kwargs)``, or ``None``."""
