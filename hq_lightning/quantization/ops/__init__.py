@@ -10,19 +10,6 @@ Example:
     True
 """
 
-from hq_lightning.quantization.ops import activation as _activation  # noqa: E402,F401
-from hq_lightning.quantization.ops import arithmetic as _arithmetic  # noqa: E402,F401
-from hq_lightning.quantization.ops import elementwise as _elementwise  # noqa: E402,F401
-from hq_lightning.quantization.ops import pooling as _pooling  # noqa: E402,F401
-from hq_lightning.quantization.ops import resize as _resize  # noqa: E402,F401
-from hq_lightning.quantization.ops import shape as _shape  # noqa: E402,F401
-
-# the built-in families register themselves on import, in this order
-from hq_lightning.quantization.ops import stubs as _stubs  # noqa: E402,F401,I001
-from hq_lightning.quantization.ops import weighted as _weighted  # noqa: E402,F401
-from hq_lightning.quantization.ops import constants as _constants  # noqa: E402,F401
-from hq_lightning.quantization.ops import attention as _attention  # noqa: E402,F401
-from hq_lightning.quantization.ops.docs import render_operator_table  # noqa: E402
 from hq_lightning.quantization.ops.registry import (
     ALL_MARCHES,
     Builder,
@@ -37,6 +24,17 @@ from hq_lightning.quantization.ops.registry import (
     lookup_spelling,
     register_op,
 )
+
+# the built-in families register themselves on import, in this order
+from hq_lightning.quantization.ops import stubs as _stubs  # noqa: E402,F401,I001
+from hq_lightning.quantization.ops import weighted as _weighted  # noqa: E402,F401
+from hq_lightning.quantization.ops import pooling as _pooling  # noqa: E402,F401
+from hq_lightning.quantization.ops import resize as _resize  # noqa: E402,F401
+from hq_lightning.quantization.ops import shape as _shape  # noqa: E402,F401
+from hq_lightning.quantization.ops import activation as _activation  # noqa: E402,F401
+from hq_lightning.quantization.ops import arithmetic as _arithmetic  # noqa: E402,F401
+from hq_lightning.quantization.ops import elementwise as _elementwise  # noqa: E402,F401
+from hq_lightning.quantization.ops.docs import render_operator_table  # noqa: E402
 
 __all__ = [
     "ALL_MARCHES",
