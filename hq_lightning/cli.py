@@ -57,11 +57,15 @@ def run(cfg: DictConfig, output_dir: str | None = None, multirun: bool = False) 
         load_float_weights,
         max_epochs,
     )
+    from hq_lightning.app.evaluate import evaluate_test_split, validate_counting_images
     from hq_lightning.app.qconfig_builder import build_qconfig_trees, check_march_supports
     from hq_lightning.app.report import METRICS_FILE, print_table, write_metrics
+    from hq_lightning.app.resume import resolve_checkpoint
+    from hq_lightning.callbacks._metrics_table import images_note
     from hq_lightning.march import as_march, set_march
 
     _let_hydra_own_logging()
+    _quiet_known_noise()
     output_dir = str(output_dir or cfg.output_dir)
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     if cfg.print_config:
@@ -72,6 +76,8 @@ def run(cfg: DictConfig, output_dir: str | None = None, multirun: bool = False) 
     march = as_march(cfg.march.name)
     set_march(march)
     check_one_device_per_job(cfg.trainer, multirun)
+    resume_from = resolve_checkpoint(cfg.resume_from, "resume_from", output_dir)
+    init_from = resolve_checkpoint(cfg.init_from, "init_from", output_dir)
     epochs = max_epochs(cfg)
     trees = None
     if cfg.quant is not None:
@@ -81,8 +87,8 @@ def run(cfg: DictConfig, output_dir: str | None = None, multirun: bool = False) 
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.model)
-    if cfg.init_from is not None:
-        load_float_weights(module, str(cfg.init_from))
+    if init_from is not None:
+        load_float_weights(module, init_from)
     callbacks = build_callbacks(cfg.callbacks)
     quantization = None
     if trees is not None:
@@ -95,23 +101,50 @@ def run(cfg: DictConfig, output_dir: str | None = None, multirun: bool = False) 
     trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg.logger), max_epochs=epochs
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume_from)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
 
     if quantization is not None:
         # the callback has logged its table (metric x phase) at the end of fit
         table = {phase: dict(metrics) for phase, metrics in quantization.metrics_table.items()}
+        images = {"validation": max(quantization.metrics_images.values(), default=0)}
         for kind, path in quantization.exported_files.items():
             log.info("%s: %s", kind, path)
     else:
-        results = trainer.validate(module, datamodule=datamodule, verbose=False)
-        table = {"float": dict(results[0]) if results else {}}
-        print_table(table, title=f"march={march.value}")
+        metrics, count = validate_counting_images(trainer, module, datamodule)
+        table = {"float": metrics}
+        images = {"validation": count}
+        print_table(table, title=f"march={march.value}", note=images_note({"float": count}))
+    # the test split, held out until now, once for the model the run delivers
+    test = evaluate_test_split(trainer, module, datamodule, quantization)
+    if test is not None:
+        images["test"] = test.images
+        print_table({test.label: test.metrics}, title=test.title, note=test.note)
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    extra = {"test": {test.label: test.metrics}} if test is not None else {}
     path = write_metrics(
-        Path(output_dir) / METRICS_FILE, table, overrides=overrides, march=march.value
+        Path(output_dir) / METRICS_FILE, table, overrides=overrides, march=march.value,
+        images=images, **extra,
     )
     log.info("metrics: %s", path)
     return table
+
+
+class _DropLightningTips(logging.Filter):
+    """Lightning's advertisements for its cloud products ("💡 Tip: ... litlogger / litmodels")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith("💡 Tip:")
+
+
+def _quiet_known_noise() -> None:
+    """Silence what says nothing about this run: Lightning's product tips, its own deprecation
+    of `LeafSpec` (raised inside Lightning on current torch, on every run), matplotlib's one-off
+    font-cache notice (when mlxtend imports it)."""
+    import warnings
+
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropLightningTips())
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 def _let_hydra_own_logging() -> None:
@@ -138,9 +171,17 @@ def main() -> None:
     import sys
 
     from hq_lightning.app.build import merge_group_selections
+    from hq_lightning.app.overrides import check_override_keys, quote_path_overrides
 
     register_configs()
     sys.argv = merge_group_selections(sys.argv, "deploy")  # +deploy=yuv +deploy=segments
+    # checkpoint paths hold `=`: quoted here so `resume_from=.../epoch=6-step=70.ckpt` parses
+    sys.argv[1:] = quote_path_overrides(sys.argv[1:])
+    try:
+        check_override_keys(sys.argv[1:])  # a misspelled key gets our did-you-mean, not Hydra's `+`
+    except ValueError as err:
+        print(f"Error in the command line: {err}", file=sys.stderr)
+        sys.exit(1)
     _hydra_main()
 
 

@@ -112,6 +112,10 @@ def test_yaml_qconfigs_equal_the_named_defaults():
             named.default_qat_8bit_fake_quant_qconfig,
         ),
         "calib": (named.default_calib_8bit_fake_quant_qconfig, None),
+        "auto_int16": (  # +quant=qat's qconfigs; the int16 layers are chosen after calibration
+            named.default_calib_8bit_fake_quant_qconfig,
+            named.default_qat_8bit_fake_quant_qconfig,
+        ),
         "qat_fixed_act": (
             named.default_calib_8bit_fake_quant_qconfig,
             named.default_qat_8bit_fixed_act_fake_quant_qconfig,

@@ -130,7 +130,26 @@ def build_quantization_callback(
         auto_int16=bool(quant.get("auto_int16", False)),
         auto_int16_max_layers=int(quant.get("auto_int16_max_layers", 3)),
         auto_int16_sqnr_floor=quant.get("auto_int16_sqnr_floor"),
+        plan_labels=override_labels(quant),
     )
+
+
+def override_labels(quant: DictConfig) -> dict[str, str]:
+    """Sources of the quantization plan named after the ``quant.overrides`` alias that made them.
+
+    Example:
+        >>> from omegaconf import OmegaConf
+        >>> override_labels(OmegaConf.create({"overrides": {
+        ...     "out": {"module": "classifier"}, "lin": {"type": "torch.nn.Linear"}}}))
+        {'name classifier': 'override out', 'type Linear': 'override lin'}
+    """
+    labels = {}
+    for alias, entry in (quant.get("overrides") or {}).items():
+        if entry.get("module") is not None:
+            labels[f"name {entry['module']}"] = f"override {alias}"
+        elif entry.get("type") is not None:
+            labels[f"type {str(entry['type']).rsplit('.', 1)[-1]}"] = f"override {alias}"
+    return labels
 
 
 def build_deployment_callback(cfg: DictConfig) -> Any:

@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
 from collections.abc import Iterable
 from typing import Any
@@ -30,16 +31,20 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from hq_lightning.app.schema import QConfigConf, QConfigOverrideConf, QuantConf, QuantMode
+from hq_lightning.callbacks._qconfig_checks import check_factories_build
 
 __all__ = [
     "OBSERVER_ALIASES",
     "PRESETS",
     "QConfigTrees",
+    "allowed_qconfig_targets",
     "build_qconfig_trees",
     "check_march_supports",
+    "check_qconfig_targets",
     "import_by_path",
     "instantiate_qconfig",
     "observer_class",
+    "register_qconfig_class",
 ]
 
 #: Short names accepted wherever an observer class is referenced by import path.
@@ -96,9 +101,130 @@ def import_by_path(path: str, what: str) -> Any:
     raise ValueError(f"Expected `{what}` to be an importable path, but got {path!r}.")
 
 
+# ------------------------------------------------------------------ allowed qconfig targets
+# A qconfig node builds only observers, fake quants and QConfigs: a `_target_` (or an observer
+# `path`) naming anything else (`os.mkdir`...) is refused before anything is imported or called.
+_REGISTERED: dict[str, type] = {}  # import path -> observer or fake-quant class of a user
+_QCONFIG_PATHS = ("hq_lightning.quantization.QConfig", "hq_lightning.quantization.qconfig.QConfig")
+_OBSERVER_CLASS_TARGET = "hq_lightning.app.qconfig_builder.observer_class"
+
+
+def _public_classes() -> tuple[dict[str, type], dict[str, type]]:
+    """Our observer and fake-quant classes, by every import path they are reachable under."""
+    from hq_lightning.quantization import fake_quantize, learnable_fake_quantize, observer
+
+    observers: dict[str, type] = {}
+    fake_quants: dict[str, type] = {}
+    for module in (observer, fake_quantize, learnable_fake_quantize):
+        for name, obj in vars(module).items():
+            if name.startswith("_") or not isinstance(obj, type) or obj.__module__ != module.__name__:
+                continue
+            if issubclass(obj, observer.ObserverBase) and obj is not observer.ObserverBase:
+                target = observers
+            elif issubclass(obj, fake_quantize.FakeQuantize):
+                target = fake_quants
+            else:
+                continue
+            target[f"hq_lightning.quantization.{name}"] = obj
+            target[f"{module.__name__}.{name}"] = obj
+    return observers, fake_quants
+
+
+def _classes() -> tuple[dict[str, type], dict[str, type]]:
+    from hq_lightning.quantization.fake_quantize import FakeQuantize
+
+    observers, fake_quants = _public_classes()
+    for path, cls in _REGISTERED.items():
+        (fake_quants if issubclass(cls, FakeQuantize) else observers)[path] = cls
+    return observers, fake_quants
+
+
+def register_qconfig_class(cls: type) -> type:
+    """Allow a user's observer or fake-quant class in qconfig nodes (usable as a decorator).
+
+    Qconfig nodes may only name our observer / fake-quant classes and ``QConfig``; register your
+    own before the app composes its config (e.g. in your own entry script, then call
+    ``hq_lightning.cli.main()``). It is then accepted by its import path,
+    ``<module>.<ClassName>`` (as an observer ``path``, or ``<module>.<ClassName>.with_args``
+    as a fake-quant ``_target_``).
+
+    Example:
+        >>> from hq_lightning.quantization import MinMaxObserver
+        >>> class MyObserver(MinMaxObserver):
+        ...     pass
+        >>> register_qconfig_class(MyObserver) is MyObserver
+        True
+        >>> observer_class(f"{__name__}.MyObserver") is MyObserver
+        True
+    """
+    from hq_lightning.quantization.fake_quantize import FakeQuantize
+    from hq_lightning.quantization.observer import ObserverBase
+
+    if not isinstance(cls, type) or not issubclass(cls, (ObserverBase, FakeQuantize)):
+        raise TypeError(
+            "Expected `cls` to be a subclass of hq_lightning.quantization.ObserverBase or "
+            f"FakeQuantize, but got {cls!r}."
+        )
+    _REGISTERED[f"{cls.__module__}.{cls.__qualname__}"] = cls
+    return cls
+
+
+def allowed_qconfig_targets() -> dict[str, list[str]]:
+    """What qconfig nodes may name: ``{"_target_": [...], "observer.path": [...]}``."""
+    observers, fake_quants = _classes()
+    targets = [*_QCONFIG_PATHS, _OBSERVER_CLASS_TARGET, *(f"{p}.with_args" for p in fake_quants)]
+    return {"_target_": targets, "observer.path": [*OBSERVER_ALIASES, *observers]}
+
+
+def _short_list(paths: list[str]) -> str:
+    public = [p for p in paths if p.startswith("hq_lightning.quantization.") and p.count(".") <= 3]
+    public = [p for p in public if p.count(".") == 2 or p.endswith(".with_args")] or paths
+    others = [p for p in paths if not p.startswith("hq_lightning.")]
+    return ", ".join(dict.fromkeys([*public, *others]))
+
+
+def _refuse(where: str, key: str, got: Any) -> ValueError:
+    allowed = allowed_qconfig_targets()
+    close = difflib.get_close_matches(str(got), allowed[key], n=1, cutoff=0.6)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    targets = _short_list(allowed["_target_"])
+    observers = _short_list([p for p in allowed["observer.path"] if "." in p])
+    return ValueError(
+        f"Expected `{where}` to name an observer, fake-quant or QConfig class, but got {got!r}.{hint} "
+        f"Allowed `_target_`s: {targets}. Allowed observer paths: {', '.join(OBSERVER_ALIASES)} or "
+        f"{observers}. A class of your own: register it first with "
+        "hq_lightning.app.qconfig_builder.register_qconfig_class(MyObserver)."
+    )
+
+
+def check_qconfig_targets(node: Any, where: str = "qconfig") -> None:
+    """Refuse any ``_target_`` or observer ``path`` of a qconfig node outside the allowed classes.
+
+    Nothing is imported or called: the names are compared with :func:`allowed_qconfig_targets`.
+    """
+    if isinstance(node, list):
+        for index, value in enumerate(node):
+            check_qconfig_targets(value, f"{where}[{index}]")
+        return
+    if not isinstance(node, dict):
+        return
+    allowed = allowed_qconfig_targets()
+    target = node.get("_target_")
+    if target is not None and target not in allowed["_target_"]:
+        raise _refuse(f"{where}._target_", "_target_", target)
+    if target == _OBSERVER_CLASS_TARGET:
+        path = node.get("path")
+        if path not in allowed["observer.path"]:
+            raise _refuse(f"{where}.path", "observer.path", path)
+    for key, value in node.items():
+        if key != "_target_":
+            check_qconfig_targets(value, f"{where}.{key}")
+
+
 def observer_class(path: str) -> type:
-    """The observer class named by ``path``: an import path or a short name of
-    :data:`OBSERVER_ALIASES` (``mse``, ``percentile``, ...).
+    """The observer class named by ``path``: a short name of :data:`OBSERVER_ALIASES` (``mse``,
+    ``percentile``, ...) or the import path of one of our observers or of one registered with
+    :func:`register_qconfig_class`; anything else is refused without being imported.
 
     It is the ``_target_`` of the ``observer`` node of a fake-quant config, so instantiating the
     node yields the class that ``FakeQuantize.with_args(observer=...)`` expects.
@@ -106,15 +232,10 @@ def observer_class(path: str) -> type:
     if path in OBSERVER_ALIASES:
         quantization = importlib.import_module("hq_lightning.quantization")
         return getattr(quantization, OBSERVER_ALIASES[path])
-    if isinstance(path, str) and "." not in path:
-        valid = ", ".join(OBSERVER_ALIASES)
-        raise ValueError(
-            f"Expected `observer.path` to be an import path or one of {valid}, but got {path!r}."
-        )
-    cls = import_by_path(path, "observer.path")
-    if not isinstance(cls, type):
-        raise ValueError(f"Expected `observer.path` to name an observer class, but got {path!r}.")
-    return cls
+    observers, _ = _classes()
+    if path not in observers:
+        raise _refuse("observer.path", "observer.path", path)
+    return observers[path]
 
 
 def _without_unset(node: Any) -> Any:
@@ -146,8 +267,11 @@ def instantiate_qconfig(node: DictConfig | dict | None, where: str = "qconfig") 
             f"Expected `{where}` to be a QConfig node (keys of QConfigConf / FakeQuantizeConf), "
             f"but: {str(err).splitlines()[0]}"
         ) from err
-    container = OmegaConf.to_container(checked, resolve=True)
-    return instantiate(_without_unset(container), _convert_="all")
+    container = _without_unset(OmegaConf.to_container(checked, resolve=True))
+    check_qconfig_targets(container, where)  # before anything named in it is imported or called
+    qconfig = instantiate(container, _convert_="all")
+    check_factories_build(qconfig, where, config_keys=True)
+    return qconfig
 
 
 def _named_qconfig(name: str | None) -> Any:

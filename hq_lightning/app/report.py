@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from hq_lightning.deploy.atomic_write import write_bytes_atomically
+
 __all__ = [
     "METRICS_FILE",
     "print_table",
@@ -58,8 +60,11 @@ def table_rows(
     return ["phase", *metrics], rows
 
 
-def print_table(table: Mapping[str, Mapping[str, Any]], title: str = "hq_lightning") -> str:
-    """Print ``table`` with rich (plain text when rich cannot render) and return the plain text."""
+def print_table(
+    table: Mapping[str, Mapping[str, Any]], title: str = "hq_lightning", note: str = ""
+) -> str:
+    """Print ``table`` with rich (plain text when rich cannot render), then ``note`` (e.g. how many
+    images the figures are over) on its own line; return the plain text of the table."""
     header, rows = table_rows(table)
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     plain = "\n".join(
@@ -69,14 +74,17 @@ def print_table(table: Mapping[str, Mapping[str, Any]], title: str = "hq_lightni
         from rich.console import Console
         from rich.table import Table
     except ImportError:  # rich is a dependency, but the table must never be lost
-        print(f"{title}\n{plain}")
+        print(f"{title}\n{plain}" + (f"\n{note}" if note else ""))
         return plain
     rich_table = Table(title=title)
     for name in header:
         rich_table.add_column(name, justify="left" if name == "phase" else "right")
     for row in rows:
         rich_table.add_row(*row)
-    Console().print(rich_table)
+    console = Console()
+    console.print(rich_table)
+    if note:
+        console.print(note, highlight=False)
     return plain
 
 
@@ -90,7 +98,8 @@ def write_metrics(path: str | Path, table: Mapping[str, Mapping[str, Any]], **ex
         }
         for phase, values in table.items()
     }
-    path.write_text(json.dumps({"metrics": metrics, **extra}, indent=2, default=str) + "\n")
+    text = json.dumps({"metrics": metrics, **extra}, indent=2, default=str) + "\n"
+    write_bytes_atomically(path, text.encode())  # the whole file or none of it
     return path
 
 

@@ -6,11 +6,35 @@ from rich.console import Console
 from rich.table import Table
 
 
-def render_metrics_table(metrics_table: dict[str, dict[str, float]]) -> str:
-    """Returns a text table with one row per metric and one column per phase.
+def images_note(images: dict[str, int], split: str = "validation") -> str:
+    """How many images the figures are over, and what one image is worth in accuracy.
 
     Example:
-        >>> print(render_metrics_table({"float": {"val/acc": 0.9}, "quantized": {"val/acc": 0.89}}))
+        >>> images_note({"float": 270, "quantized": 270})
+        'Each figure is over 270 validation images (one image = 0.37 accuracy points).'
+        >>> images_note({"float": 270, "quantized": 64})
+        'Figures are over these numbers of validation images: float 270, quantized 64.'
+    """
+    counts = {phase: n for phase, n in images.items() if n}
+    if not counts:
+        return ""
+    if len(set(counts.values())) == 1:
+        n = next(iter(counts.values()))
+        return f"Each figure is over {n} {split} images (one image = {100 / n:.2f} accuracy points)."
+    listed = ", ".join(f"{phase} {n}" for phase, n in counts.items())
+    return f"Figures are over these numbers of {split} images: {listed}."
+
+
+def render_metrics_table(metrics_table: dict[str, dict[str, float]], images: dict[str, int] | None = None) -> str:
+    """Returns a text table with one row per metric and one column per phase.
+
+    Args:
+        metrics_table: ``{phase: {metric: value}}``.
+        images: ``{phase: number of validation images}`` behind each column, printed under it.
+
+    Example:
+        >>> print(render_metrics_table({"float": {"val/acc": 0.9}, "quantized": {"val/acc": 0.89}},
+        ...                            {"float": 270, "quantized": 270}))
         ... # doctest: +NORMALIZE_WHITESPACE
         Quantization phases
         ┏━━━━━━━━━┳━━━━━━━━┳━━━━━━━━━━━┓
@@ -18,6 +42,7 @@ def render_metrics_table(metrics_table: dict[str, dict[str, float]]) -> str:
         ┡━━━━━━━━━╇━━━━━━━━╇━━━━━━━━━━━┩
         │ val/acc │ 0.9000 │    0.8900 │
         └─────────┴────────┴───────────┘
+        Each figure is over 270 validation images (one image = 0.37 accuracy points).
     """
     phases = list(metrics_table)
     names = sorted({name for metrics in metrics_table.values() for name in metrics})
@@ -33,7 +58,8 @@ def render_metrics_table(metrics_table: dict[str, dict[str, float]]) -> str:
         table.add_row(*row)
     buffer = io.StringIO()
     Console(file=buffer, width=120, force_terminal=False, color_system=None).print(table)
-    return buffer.getvalue().rstrip("\n")
+    note = images_note({p: n for p, n in (images or {}).items() if p in metrics_table})
+    return buffer.getvalue().rstrip("\n") + (f"\n{note}" if note else "")
 
 
 def render_worst_layers(header: list[str], rows: list[list[str]]) -> str:

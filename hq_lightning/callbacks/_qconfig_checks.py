@@ -1,5 +1,7 @@
-"""Checks that a qconfig (tree) holds only calibration or only QAT qconfigs."""
+"""Checks of the qconfig trees given to the callback: one kind each (calibration or QAT), no
+``qconfig`` attributes on the modules, and factories that build."""
 
+import re
 from typing import Any
 
 from torch import nn
@@ -58,3 +60,40 @@ def check_no_qconfig_attributes(module: nn.Module, path: str) -> None:
             f"prepares the submodule twice (calibration and QAT qconfigs), but got them on {shown}. "
             "Move them into the qconfig trees, e.g. qat_qconfig={'': ..., 'module_name': {name: qc}}."
         )
+
+
+_UNEXPECTED = re.compile(r"(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'")
+
+
+def check_factories_build(tree: Any, name: str, config_keys: bool = False) -> None:
+    """Builds every fake-quant factory of ``tree`` once, so a bad argument (an observer that does not
+    take ``averaging_constant``, a dtype that does not exist) fails when the callback is made,
+    naming the qconfig, instead of deep inside ``prepare_qat_fx`` at ``setup``.
+
+    Args:
+        tree: a QConfig or qconfig tree.
+        name: how the tree is called in messages (``qat_qconfig``, or a config key).
+        config_keys: ``name`` is a config key (``quant.qat``): the fix names the key to set.
+    """
+    for where, qconfig in qconfigs_in(tree, name):
+        for role in ("activation", "weight"):
+            factory = getattr(qconfig, role)
+            if factory is None:
+                continue
+            try:
+                factory()
+            except TypeError as err:
+                match = _UNEXPECTED.search(str(err))
+                if match is None:
+                    raise
+                cls, argument = match.groups()
+                fix = (
+                    f"set {where}.{role}.{argument}=null" if config_keys
+                    else f"leave `{argument}` out of that factory's with_args(...)"
+                )
+                raise ValueError(
+                    f"Expected the arguments of `{where}.{role}` to be accepted by {cls}, but it does "
+                    f"not take `{argument}`. Fix: {fix}, or pick an observer that takes it."
+                ) from err
+            except ValueError as err:
+                raise ValueError(f"Expected `{where}.{role}` to build a fake quant, but: {err}") from err

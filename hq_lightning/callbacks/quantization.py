@@ -29,7 +29,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-from collections.abc import Callable, Iterable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -39,15 +40,22 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from hq_lightning.callbacks._checkpoint_file import guard_checkpoint_loading
 from hq_lightning.callbacks._layer_report import AUTO_INT16_PHASE, LayerReportMixin
 from hq_lightning.callbacks._metrics_table import render_metrics_table
 from hq_lightning.callbacks._qconfig_checks import (
+    check_factories_build,
     check_no_qconfig_attributes,
     check_qconfig_kind,
 )
 from hq_lightning.callbacks._spawn_handoff import install_handoff, new_token
+from hq_lightning.callbacks._stub_check import check_has_quant_stub
 from hq_lightning.callbacks._submodule import get_submodule, set_submodule
-from hq_lightning.deploy.atomic_write import ArtefactWriteError, save_atomically
+from hq_lightning.deploy.atomic_write import (
+    ArtefactWriteError,
+    save_atomically,
+    write_bytes_atomically,
+)
 from hq_lightning.march import as_march, march_context
 from hq_lightning.quantization.calibration_state import copy_calibration_state, copy_float_state
 from hq_lightning.quantization.fake_quantize import FakeQuantize
@@ -119,6 +127,9 @@ class QuantizationCallback(LayerReportMixin, Callback):
             module's ``calibration_step`` method if it has one, else :func:`default_calibration_step`.
         metrics: names of the validation metrics copied under each phase prefix; ``None``: every
             metric logged by the validation run.
+        plan_labels: renames qconfig sources in the quantization plan (printed and saved as
+            ``plan.md`` / ``plan.json`` in the output directory before training), e.g.
+            ``{"name classifier": "override out"}``; see :func:`hq_lightning.quantization.plan.quantization_plan`.
         report: write the per-layer similarity report (Markdown, JSON, PNG plots; see
             docs/profiling.md) of the calibrated model and of the converted one into
             :meth:`resolve_report_dir`, log the plots to TensorBoard when a logger takes images,
@@ -163,6 +174,7 @@ class QuantizationCallback(LayerReportMixin, Callback):
         example_input: Any = None,
         calibration_step: Callable[[pl.LightningModule, Any], Any] | None = None,
         metrics: Sequence[str] | None = None,
+        plan_labels: Mapping[str, str] | None = None,
         report: bool = False,
         report_batches: int = 4,
         auto_int16: bool = False,
@@ -181,6 +193,9 @@ class QuantizationCallback(LayerReportMixin, Callback):
             )
         check_qconfig_kind(calibration_qconfig, "calibration_qconfig", "calibration")
         check_qconfig_kind(qat_qconfig, "qat_qconfig", "qat")
+        with march_context(self.march) if self.march is not None else contextlib.nullcontext():
+            check_factories_build(calibration_qconfig, "calibration_qconfig")
+            check_factories_build(qat_qconfig, "qat_qconfig")
         self.calibration_qconfig = calibration_qconfig
         self.qat_qconfig = qat_qconfig
         self.float_epochs = _check_int(float_epochs, "float_epochs", 0)
@@ -219,12 +234,16 @@ class QuantizationCallback(LayerReportMixin, Callback):
             raise TypeError(f"Expected `calibration_step` to be callable or None, but got {calibration_step!r}.")
         self.calibration_step = calibration_step
         self.metrics = None if metrics is None else tuple(metrics)
+        self.plan_labels = dict(plan_labels or {})
+        self.plan: list[Any] = []
         self._init_layer_report(report, report_batches, auto_int16, auto_int16_max_layers, auto_int16_sqnr_floor)
 
         self.phase = "float"
         self.calibrated = False
         self.finished = False
         self.metrics_table: dict[str, dict[str, float]] = {}
+        self.metrics_images: dict[str, int] = {}
+        self._images_seen = 0
         self.quantized_model: nn.Module | None = None
         self.exported_files: dict[str, str] = {}
         self._live: nn.Module | None = None
@@ -279,22 +298,44 @@ class QuantizationCallback(LayerReportMixin, Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._state_restored = False
         self._train_loop_ran = False
+        guard_checkpoint_loading(trainer.strategy.checkpoint_io)  # a truncated ckpt_path is named
         if stage == "fit":
             install_handoff(trainer, self.state_key, self._handoff_token, self._handoff_payload)
         current = get_submodule(pl_module, self.submodule)
-        if self._live is None or current is not self._live:  # else prepared already (test after fit)
+        converted = self.quantized_model is not None and current is self.quantized_model
+        if not converted and (self._live is None or current is not self._live):
+            # else prepared already (test after fit), or the converted model put in place to test it
             check_no_qconfig_attributes(current, self.submodule)
             if stage == "fit" and self.calibration_qconfig is not None and not self.calibrated:
                 # dropped again if a checkpoint being restored says calibration is done
                 self._float_template = copy.deepcopy(current)
             self._layer_report_setup(current)
             self._install_live(pl_module, current)
+            if stage == "fit":
+                self._announce_plan(trainer, current)
         if self._refusal_hook is None:  # armed for Lightning's restore only, see _check_state_restored
             self._refusal_hook = self._live.register_load_state_dict_pre_hook(_refuse_float_state)
 
+    def _announce_plan(self, trainer: pl.Trainer, float_module: nn.Module) -> None:
+        """Print, before training, what the prepare applied, and save it in the output directory."""
+        from hq_lightning.quantization.plan import format_plan, plan_to_json, quantization_plan
+
+        qconfig = self.calibration_qconfig if self.ptq_only else self.qat_qconfig
+        self.plan = quantization_plan(float_module, self._live, qconfig, self.plan_labels)
+        text = format_plan(self.plan, f"Quantization plan of `{self.submodule}`")
+        rank_zero_info(text)
+        directory = self.resolve_output_dir(trainer)  # a collective under DDP: every rank calls it
+        if trainer.is_global_zero:
+            write_bytes_atomically(os.path.join(directory, "plan.md"), (text + "\n").encode())
+            write_bytes_atomically(os.path.join(directory, "plan.json"), plan_to_json(self.plan).encode())
+
     def _install_live(self, pl_module: pl.LightningModule, current: nn.Module) -> None:
         live_qconfig = self.calibration_qconfig if self.ptq_only else self.qat_qconfig
-        live = self._prepare(current, live_qconfig)
+        with warnings.catch_warnings():
+            # prepare's warning about a missing QuantStub: refused below, with the place to put it
+            warnings.filterwarnings("ignore", "Expected the model to contain a QuantStub")
+            live = self._prepare(current, live_qconfig)
+        check_has_quant_stub(live, current, self.submodule)
         set_submodule(pl_module, self.submodule, live)
         self._live = live
         self._layer_report_installed(live)
@@ -347,13 +388,15 @@ class QuantizationCallback(LayerReportMixin, Callback):
         try:
             with context:
                 return prepare_qat_fx(module, qconfig, qat_mode=self.qat_mode)
+        except (ValueError, TypeError) as err:
+            if not str(err).startswith("Expected"):
+                raise _not_traceable(self.submodule, module, err) from err
+            # our own message about the configuration (a module name, a dtype, ...): it names the
+            # problem and its fix; tracing advice would mislead
+            kind = type(err) if type(err) in (ValueError, TypeError) else ValueError
+            raise kind(f"QuantizationCallback(submodule={self.submodule!r}): {err}") from err
         except Exception as err:
-            raise RuntimeError(
-                f"Expected submodule `{self.submodule}` ({type(module).__name__}) to be traceable and "
-                f"preparable by prepare_qat_fx, but it failed with {type(err).__name__}: {err}\nFix: "
-                "wrap untraceable code with hq_lightning.utils.fx_helper.wrap, or point `submodule` at "
-                "the traceable part (e.g. the backbone)."
-            ) from err
+            raise _not_traceable(self.submodule, module, err) from err
 
     # ------------------------------------------------------------------ fit
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -391,7 +434,7 @@ class QuantizationCallback(LayerReportMixin, Callback):
             bar = trainer.progress_bar_callback
             if isinstance(bar, RichProgressBar):
                 bar.teardown(trainer, pl_module, stage)  # stops its live display (idempotent)
-            rank_zero_info(render_metrics_table(self.metrics_table))
+            rank_zero_info(render_metrics_table(self.metrics_table, self.metrics_images))
             if self._worst_layers_text():
                 rank_zero_info(self._worst_layers_text())
 
@@ -528,13 +571,19 @@ class QuantizationCallback(LayerReportMixin, Callback):
         self._module = pl_module
         self._check_state_restored(trainer)
         self._metrics_before = dict(trainer.callback_metrics)
+        self._images_seen = 0
         self._set_eval_state()
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._images_seen += batch_length(batch)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._state_dirty = True
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
         label = self._metrics_label or ("float" if self.phase == "float" else self.phase)
+        # every rank takes part (a collective under DDP): the images behind this phase's figures
+        images = int(trainer.strategy.reduce(torch.tensor(float(self._images_seen)), reduce_op="sum").item())
         before = self._metrics_before
         new = {
             name: value
@@ -547,6 +596,7 @@ class QuantizationCallback(LayerReportMixin, Callback):
         if not new:
             return
         self.metrics_table[label] = {name: float(value) for name, value in new.items()}
+        self.metrics_images[label] = images
         prefixed = {f"{label}/{name}": value for name, value in new.items()}
         trainer.callback_metrics.update(prefixed)
         for logger in trainer.loggers:
@@ -691,6 +741,15 @@ class QuantizationCallback(LayerReportMixin, Callback):
             self.exported_files[kind] = path
 
 
+def _not_traceable(submodule: str, module: nn.Module, err: Exception) -> RuntimeError:
+    return RuntimeError(
+        f"Expected submodule `{submodule}` ({type(module).__name__}) to be traceable and "
+        f"preparable by prepare_qat_fx, but it failed with {type(err).__name__}: {err}\nFix: "
+        "wrap untraceable code with hq_lightning.utils.fx_helper.wrap, or point `submodule` at "
+        "the traceable part (e.g. the backbone)."
+    )
+
+
 def _resume_hint(trainer: pl.Trainer) -> str:
     """What to do after the end of fit failed: the checkpoints hold everything to redo it."""
     directories = sorted({cb.dirpath for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)})
@@ -729,6 +788,17 @@ def _check_int(value: Any, name: str, minimum: int) -> int:
 
 def _check_optional_int(value: Any, name: str) -> int | None:
     return None if value is None else _check_int(value, name, 0)
+
+
+def batch_length(batch: Any) -> int:
+    """The number of samples of a batch (0 when its input is not a tensor with a batch dimension)."""
+    try:
+        inputs = batch_inputs(batch)
+    except (KeyError, ValueError):
+        return 0
+    if isinstance(inputs, (tuple, list)) and inputs:
+        inputs = inputs[0]
+    return int(inputs.shape[0]) if isinstance(inputs, torch.Tensor) and inputs.dim() > 0 else 0
 
 
 def _safe_len(loader: Any) -> int | None:

@@ -52,8 +52,9 @@ def _free_bytes(directory: str) -> int | None:
         return None
 
 
-def _write_file(handle: Any, data: bytes) -> None:
-    """The one place bytes reach the disk (tests simulate a full disk by replacing it)."""
+def _write_file(handle: Any, data: bytes, path: str) -> None:
+    """The one place bytes reach the disk, for the file that becomes ``path`` (tests simulate a
+    full disk by replacing it)."""
     handle.write(data)
     handle.flush()
     os.fsync(handle.fileno())
@@ -105,7 +106,7 @@ def write_bytes_atomically(path: str | os.PathLike, data: bytes) -> str:
             prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory
         )
         with os.fdopen(descriptor, "wb") as handle:
-            _write_file(handle, data)
+            _write_file(handle, data, path)
         os.replace(temporary, path)
         temporary = None
     except OSError as err:

@@ -41,6 +41,10 @@ _EXPORTS = {
     "float_islands": "fx.islands",
     "FloatIsland": "fx.islands",
     "FloatIslandWarning": "fx.islands",
+    # what a prepare applied, module by module (printed and saved before training)
+    "quantization_plan": "plan",
+    "format_plan": "plan",
+    "PlanEntry": "plan",
     # per-layer sensitivity and mixed-precision fallback
     "layer_sensitivity": "sensitivity",
     "LayerSensitivity": "sensitivity",

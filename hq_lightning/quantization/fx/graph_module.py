@@ -9,8 +9,14 @@ Wrapped methods of the root (``@wrap()`` on ``RetinaNet._post_process``) are rec
 ``call_function(<wrapped function>, (get_attr("_hq_root"), *args))``: ``_hq_root`` is a property
 returning the module itself. For such graphs the module's class also derives from the root's class
 (a dynamic ``(QuantGraphModule, RootClass)`` subclass), so helper methods and properties of the
-root resolve inside the wrapped method. ``deepcopy`` and whole-module ``torch.save`` /
-``torch.load(weights_only=False)`` work in both cases.
+root resolve inside the wrapped method. ``deepcopy`` works in both cases.
+
+To keep a prepared or converted model, save its ``state_dict()`` and load it with
+``torch.load(path, weights_only=True)`` into the same structure, rebuilt by running the same
+passes on the float model (``prepare_qat_fx``, then ``convert_fx``): a state dict holds only
+tensors and plain values, which the weights-only loader reads with no allow-list to extend. Do not
+unpickle whole modules: unpickling a GraphModule re-executes its generated code, so a crafted file
+runs code of its author's choosing. To deploy, export with :mod:`hq_lightning.deploy`.
 
 Build one with :func:`build_graph_module` (passes that make a new graph from an old module use
 it too, so the class and the kept children carry over).
