@@ -297,3 +297,18 @@ def test_missing_matplotlib_says_what_to_install(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert "pip install matplotlib" in out.stdout
+
+
+def test_docstring_examples_run():
+    import doctest
+    import importlib
+
+    for name in ("similarity", "model_check", "plots", "report"):
+        if name == "plots":
+            pytest.importorskip("matplotlib")
+        module = importlib.import_module(f"hq_lightning.quantization.profiler.{name}")
+        result = doctest.testmod(module)
+        assert result.failed == 0 and result.attempted > 0, name
+    for name in ("hq_lightning.quantization.sensitivity", "hq_lightning.app.report_cli"):
+        result = doctest.testmod(importlib.import_module(name))
+        assert result.failed == 0 and result.attempted > 0, name
