@@ -153,3 +153,50 @@ def test_copy_calibration_state_refuses_another_march():
     same = _prepared("bayes", calibrate=False)
     assert copy_calibration_state(calibrated, same)  # the same march hands over as before
     assert isinstance(convert_fx(same), nn.Module)
+
+
+# ---------------------------------------------------------------- item 11: what a QuantStub accepts
+@pytest.mark.parametrize("state", [FakeQuantState.QAT, FakeQuantState.CALIBRATION, FakeQuantState.FLOAT])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.bool])
+def test_an_integer_input_names_the_stub_and_the_fix(state, dtype):
+    """It used to run on and fail inside the conv with torch's dtype error (or pass through)."""
+    model = _prepared(calibrate=False)
+    model.train(state is FakeQuantState.QAT)
+    set_fake_quantize(model, state)
+    images = torch.randint(0, 2 if dtype is torch.bool else 255, (2, 3, 8, 8)).to(dtype)
+    with pytest.raises(
+        TypeError,
+        match=rf"Expected the input of QuantStub `quant` to be a floating point tensor, but got a {dtype} "
+        r"tensor of shape \(2, 3, 8, 8\): .*`x.float\(\) / 255` for uint8 images",
+    ):
+        model(images)
+    stub = model.quant
+    with pytest.raises(TypeError, match=r"Expected the input of QuantStub to be a floating point tensor, but got a list"):
+        stub([1.0, 2.0])  # called on its own, there is no model to name it in
+
+
+@pytest.mark.parametrize("state", [FakeQuantState.QAT, FakeQuantState.VALIDATION])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_other_float_inputs_are_quantized_from_their_float32_value(state, dtype):
+    """float64 (numpy's default) and half inputs used to fail inside the conv: now the stub
+    quantizes x.to(float32), as the integer model's Quantize does, and hands on float32."""
+    x = (torch.randn(2, 3, 8, 8) * 2).to(dtype)
+    model = _prepared()
+    model.train(state is FakeQuantState.QAT)
+    set_fake_quantize(model, state)
+    expected = model(x.float())
+    if state is FakeQuantState.QAT:  # a QAT step moved the observers: run the twin on a copy
+        model = _prepared()
+        model.train()
+        set_fake_quantize(model, state)
+    got = model(x)
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+    if state is FakeQuantState.VALIDATION:
+        assert torch.equal(convert_fx(model)(x), got)
+
+
+def test_a_model_cast_to_float64_gets_float64_from_its_stub():
+    model = _prepared().double()
+    x = torch.randn(2, 3, 8, 8)
+    assert model.quant(x).dtype == torch.float64
+    assert torch.equal(model(x), model(x.double()))  # float32 input no longer fails in the conv

@@ -5,6 +5,13 @@
 ``scale`` keeps the float stub's meaning. ``DeQuantStub`` passes its input through: it marks where
 the deployed graph ends.
 
+Input dtypes: a ``QuantStub`` quantizes real values, so an integer (or bool, complex) tensor is an
+error naming the stub and the fix (``x.float()``, e.g. ``x.float() / 255`` for uint8 images). A
+floating tensor of any dtype is quantized from its float32 value, as the integer model's
+``Quantize`` does, and handed on in the model's dtype (that of the stub's own ``scale``: float32
+unless the model was cast with ``.double()``/``.half()``), so float64 data (numpy's default) or
+half inputs run unchanged where they used to fail inside the next conv.
+
 Example:
     >>> import torch
     >>> from hq_lightning.quantization import QuantStub as FloatQuantStub
@@ -16,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -65,10 +73,52 @@ class QuantStub(nn.Module):
         return qat
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.activation_post_process(x)
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            self._refuse(x)
+        if x.dtype != torch.float32:
+            x = x.float()  # the integer model quantizes x.to(float32): the same codes
+        y = self.activation_post_process(x)
+        model_dtype = self._model_dtype()
+        return y if model_dtype == torch.float32 else y.to(model_dtype)
+
+    def _model_dtype(self) -> torch.dtype:
+        # the stub's own scale follows .double()/.half() of the model (read without a refresh)
+        fake_quant = self.activation_post_process
+        scale = fake_quant._parameters.get("scale")
+        if scale is None:
+            scale = fake_quant._buffers.get("scale")
+        return scale.dtype if scale is not None and scale.is_floating_point() else torch.float32
+
+    def _refuse(self, x: Any) -> None:
+        got = f"{x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        name = _path_on_the_call_stack(self)
+        raise TypeError(
+            f"Expected the input of QuantStub {f'`{name}` ' if name else ''}to be a floating point "
+            f"tensor, but got a {got}: a QuantStub quantizes real values. Convert the input before "
+            "the model, e.g. `x.float() / 255` for uint8 images or `x.float()` for integer features "
+            "(in a DataModule transform or at the top of forward)."
+        )
 
     def extra_repr(self) -> str:
         return "" if self.scale is None else f"scale={self.scale}"
+
+
+def _path_on_the_call_stack(module: nn.Module, depth: int = 16) -> str | None:
+    """The path of ``module`` in the nearest calling module on the stack (for error messages)."""
+    frame = inspect.currentframe()
+    try:
+        for _ in range(depth):
+            frame = frame.f_back if frame is not None else None
+            if frame is None:
+                return None
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, nn.Module) and owner is not module:
+                for name, child in owner.named_modules():
+                    if child is module:
+                        return name
+    finally:
+        del frame
+    return None
 
 
 class DeQuantStub(nn.Module):
