@@ -209,10 +209,20 @@ def test_functional_pooling_and_resize_become_modules_scale_preserving_ops_stay(
         torch.testing.assert_close(out, ref)
 
 
-def test_dynamic_arguments_are_left_alone():
+def test_dynamic_arguments_are_left_alone_or_passed_at_run_time():
     class Net(nn.Module):
         def forward(self, x):
-            return F.interpolate(x, size=x.shape[-2:]) + x.size(0)
+            return F.avg_pool2d(x, x.shape[-1]) + x.size(0)
 
     gm = generate_functional_modules(symbolic_trace(Net()))
-    assert not [name for name, _ in gm.named_children()]
+    assert not [name for name, _ in gm.named_children()]  # a kernel size cannot be kept
+
+    class Resize(nn.Module):
+        def forward(self, x, y):
+            return F.interpolate(x, size=y.shape[-2:])
+
+    gm = generate_functional_modules(symbolic_trace(Resize()))
+    (node,) = [n for n in gm.graph.nodes if n.op == "call_module"]
+    assert node.target == "_generated_interpolate_0" and "size" in node.kwargs  # read when it runs
+    x, y = torch.rand(1, 2, 3, 3), torch.rand(1, 2, 5, 7)
+    assert torch.equal(gm(x, y), F.interpolate(x, size=(5, 7)))

@@ -25,20 +25,27 @@ BILINEAR_FRACTION_BITS = 8
 
 
 def bilinear_taps(
-    in_size: int, out_size: int, align_corners: bool, fraction_bits: int = BILINEAR_FRACTION_BITS
+    in_size: int,
+    out_size: int,
+    align_corners: bool,
+    fraction_bits: int = BILINEAR_FRACTION_BITS,
+    scale_factor: float | None = None,
 ) -> tuple[list[int], list[int], list[int], list[int]]:
     """Source indices ``i0, i1`` and integer weights ``w0, w1`` (``w0 + w1 = 2^F``) per output index.
 
     Source coordinate (float64): ``align_corners``: ``d * (in - 1) / (out - 1)`` (0 when
-    ``out == 1``); otherwise ``max((d + 0.5) * (in / out) - 0.5, 0)``.
+    ``out == 1``); otherwise ``max((d + 0.5) * r - 0.5, 0)`` with ``r = 1 / scale_factor`` when
+    the call gave a scale factor (torch's rule, ``recompute_scale_factor`` unset), else
+    ``r = in / out``.
     """
     one = 1 << fraction_bits
+    ratio = 1.0 / scale_factor if scale_factor else in_size / out_size
     i0s, i1s, w0s, w1s = [], [], [], []
     for d in range(out_size):
         if align_corners:
             src = d * ((in_size - 1) / (out_size - 1)) if out_size > 1 else 0.0
         else:
-            src = max((d + 0.5) * (in_size / out_size) - 0.5, 0.0)
+            src = max((d + 0.5) * ratio - 0.5, 0.0)
         i0 = min(int(math.floor(src)), in_size - 1)
         frac = round((src - i0) * one)  # Python round: half to even
         frac = min(max(frac, 0), one)
@@ -54,13 +61,19 @@ def bilinear_accumulate(
     size: tuple[int, int],
     align_corners: bool,
     fraction_bits: int = BILINEAR_FRACTION_BITS,
+    scale_factors: tuple[float, float] | None = None,
 ) -> Tensor:
-    """int64 ``sum w_y * w_x * x`` over the 2x2 neighbours of every output pixel (NCHW)."""
+    """int64 ``sum w_y * w_x * x`` over the 2x2 neighbours of every output pixel (NCHW).
+
+    ``scale_factors``: the call's ``(sy, sx)`` when it gave a scale factor (see
+    :func:`bilinear_taps`), else ``None`` (the ratio of the sizes).
+    """
     if x.dim() != 4:
         raise ValueError(f"Expected `x` to be 4-D (N, C, H, W), but got {x.dim()}-D.")
     height, width = x.shape[-2], x.shape[-1]
-    taps_y = bilinear_taps(height, size[0], align_corners, fraction_bits)
-    taps_x = bilinear_taps(width, size[1], align_corners, fraction_bits)
+    sy, sx = scale_factors if scale_factors is not None else (None, None)
+    taps_y = bilinear_taps(height, size[0], align_corners, fraction_bits, sy)
+    taps_x = bilinear_taps(width, size[1], align_corners, fraction_bits, sx)
     ys = [torch.tensor(v, device=x.device) for v in taps_y]
     xs = [torch.tensor(v, device=x.device) for v in taps_x]
     wide = x.to(torch.int64)

@@ -16,13 +16,24 @@ from hq_lightning.nn.qat.conv_transpose import ConvTranspose2d
 from hq_lightning.nn.qat.float_functional import FloatFunctional
 from hq_lightning.nn.qat.fused_weighted import FusedWeightedMixin
 from hq_lightning.nn.qat.linear import Linear
-from hq_lightning.nn.qat.pooling import AdaptiveAvgPool2d, AvgPool2d
+from hq_lightning.nn.qat.pooling import (
+    AdaptiveAvgPool1d,
+    AdaptiveAvgPool2d,
+    AdaptiveAvgPool3d,
+    AvgPool1d,
+    AvgPool2d,
+    AvgPool3d,
+)
 from hq_lightning.nn.qat.stubs import DeQuantStub, QuantStub
 from hq_lightning.nn.qat.upsample import Upsample
 
 __all__ = [
+    "AdaptiveAvgPool1d",
     "AdaptiveAvgPool2d",
+    "AdaptiveAvgPool3d",
+    "AvgPool1d",
     "AvgPool2d",
+    "AvgPool3d",
     "Conv1d",
     "Conv2d",
     "Conv3d",

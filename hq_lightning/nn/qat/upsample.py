@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from hq_lightning.nn.qat.fake_quant_builders import activation_fake_quant, qconfig_of
@@ -24,7 +26,11 @@ __all__ = ["Upsample"]
 
 
 class Upsample(OutputFakeQuantMixin, nn.Upsample):
-    """QAT ``nn.Upsample``: same arguments plus ``qconfig``; output fake quant."""
+    """QAT ``nn.Upsample``: same arguments plus ``qconfig``; output fake quant.
+
+    ``forward(x, size=None)``: a ``size`` given when it runs (``y.shape[-2:]``, from a float
+    :class:`~hq_lightning.nn.quantized.Interpolate`) replaces the constant size / scale factor.
+    """
 
     def __init__(self, *args: Any, qconfig: Any = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -45,3 +51,12 @@ class Upsample(OutputFakeQuantMixin, nn.Upsample):
         )
         qat.train(mod.training)
         return qat
+
+    def forward(self, x: torch.Tensor, size: Any = None) -> torch.Tensor:
+        if size is None:
+            out = nn.Upsample.forward(self, x)
+        else:
+            out = F.interpolate(x, size=size, mode=self.mode, align_corners=self.align_corners)
+        if self.activation_post_process is not None:
+            out = self.activation_post_process(out)
+        return out

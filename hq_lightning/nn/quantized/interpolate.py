@@ -24,16 +24,44 @@ from hq_lightning.functional.integer import (
 )
 from hq_lightning.nn.quantized._common import activation_dtype, bounds, scale_tensor
 
-__all__ = ["QuantizedInterpolate"]
+__all__ = ["Interpolate", "QuantizedInterpolate"]
+
+_MODES = ("nearest", "bilinear")
+
+
+class Interpolate(nn.Upsample):
+    """Float ``F.interpolate`` as a module: ``nn.Upsample`` whose forward may take ``size``.
+
+    ``F.interpolate(x, size=y.shape[-2:])`` becomes ``Interpolate(mode=...)`` called as
+    ``forward(x, size=y.shape[-2:])``: the shape expression stays in the graph and the size is
+    read when the model runs (FPN, DeepLab and LR-ASPP resize to another tensor's size). Built
+    with a constant ``size`` or ``scale_factor`` it is an ``nn.Upsample``.
+
+    Example:
+        >>> import torch
+        >>> up = Interpolate(mode="nearest")
+        >>> up(torch.ones(1, 1, 2, 2), size=torch.Size([3, 4])).shape
+        torch.Size([1, 1, 3, 4])
+    """
+
+    def forward(self, input: Tensor, size=None) -> Tensor:  # noqa: A002 - nn.Upsample's name
+        if size is None:
+            return super().forward(input)
+        return F.interpolate(input, size=size, mode=self.mode, align_corners=self.align_corners)
 
 
 class QuantizedInterpolate(nn.Module):
-    """``F.interpolate`` on integer NCHW tensors.
+    """``F.interpolate`` on integer tensors.
 
     Args:
-        size / scale_factor: as ``F.interpolate`` (output size ``floor(in * scale_factor)``).
-        mode: ``"nearest"`` (pass-through, scale unchanged) or ``"bilinear"``.
+        size / scale_factor: as ``F.interpolate`` (output size ``floor(in * scale_factor)``,
+            coordinates mapped with ``1 / scale_factor`` as torch does unless
+            ``recompute_scale_factor``); both ``None``: the size is given to ``forward`` when the
+            model runs (``forward(x, size=y.shape[-2:])``).
+        mode: ``"nearest"`` (pass-through, scale unchanged; any number of spatial dims) or
+            ``"bilinear"`` (NCHW).
         align_corners: bilinear only.
+        recompute_scale_factor: as ``F.interpolate``.
         input_scale / output_scale / output_dtype: bilinear only (requantization,
             ``M = s_in / s_out * 2^-16``).
     """
@@ -45,19 +73,22 @@ class QuantizedInterpolate(nn.Module):
         mode: str = "nearest",
         align_corners: bool | None = None,
         *,
+        recompute_scale_factor: bool | None = None,
         input_scale: Tensor | float | None = None,
         output_scale: Tensor | float | None = None,
         output_dtype: QuantDType | str = "qint8",
     ) -> None:
         super().__init__()
-        if mode not in ("nearest", "bilinear"):
-            raise ValueError(f"Expected `mode` to be 'nearest' or 'bilinear', but got {mode!r}.")
-        if (size is None) == (scale_factor is None):
+        if mode not in _MODES:
+            raise ValueError(f"Expected `mode` to be one of {_MODES}, but got {mode!r}.")
+        if size is not None and scale_factor is not None:
             raise ValueError(
-                "Expected exactly one of `size` and `scale_factor`, but got both or neither."
+                "Expected at most one of `size` and `scale_factor` (none: size given at run "
+                "time), but got both."
             )
         self.size, self.scale_factor, self.mode = size, scale_factor, mode
         self.align_corners = bool(align_corners)
+        self.recompute_scale_factor = recompute_scale_factor
         self.output_dtype = activation_dtype(output_dtype, "output_dtype")
         if mode == "bilinear":
             if input_scale is None or output_scale is None:
@@ -74,21 +105,47 @@ class QuantizedInterpolate(nn.Module):
             self.register_buffer("multiplier", m)
             self.register_buffer("shift", n)
 
-    def _out_size(self, x: Tensor) -> tuple[int, int]:
-        if self.size is not None:
-            return (
-                tuple(self.size) if isinstance(self.size, (tuple, list)) else (self.size, self.size)
-            )
+    def _scale_factors(self, dims: int) -> tuple[float, ...] | None:
         sf = self.scale_factor
-        sy, sx = (sf, sf) if not isinstance(sf, (tuple, list)) else sf
-        return math.floor(x.shape[-2] * sy), math.floor(x.shape[-1] * sx)
+        if sf is None:
+            return None
+        return tuple(float(v) for v in sf) if isinstance(sf, (tuple, list)) else (float(sf),) * dims
 
-    def forward(self, x: Tensor) -> Tensor:
-        size = self._out_size(x)
+    def _out_size(self, x: Tensor, size) -> tuple[int, ...]:
+        dims = x.dim() - 2
+        if size is None:
+            size = self.size
+        if size is not None:
+            return tuple(int(v) for v in size) if isinstance(size, (tuple, list, torch.Size)) else (int(size),) * dims
+        factors = self._scale_factors(dims)
+        if factors is None:
+            raise ValueError(
+                "Expected `size` at run time (this QuantizedInterpolate was built without a size "
+                "or a scale factor), but got None."
+            )
+        return tuple(math.floor(x.shape[2 + d] * factors[d]) for d in range(dims))
+
+    def forward(self, x: Tensor, size=None) -> Tensor:
+        out_size = self._out_size(x, size)
+        keep_factors = size is None and self.size is None and not self.recompute_scale_factor
+        factors = self._scale_factors(x.dim() - 2) if keep_factors else None
         if self.mode == "nearest":
-            # every output is a copy of an input value: exact through float32
-            return F.interpolate(x.to(torch.float32), size=size, mode="nearest").to(x.dtype)
-        acc = bilinear_accumulate(x, size, self.align_corners)
+            # every output is a copy of an input value: exact through float32 (float64 for
+            # int32); the float call's own arguments, so its index rule (1 / scale_factor or
+            # in / out) is the same
+            wide = x.to(torch.float32 if x.dtype in (torch.int8, torch.int16) else torch.float64)
+            if factors is not None:
+                out = F.interpolate(wide, scale_factor=factors, mode="nearest")
+            else:
+                out = F.interpolate(wide, size=out_size, mode="nearest")
+            return out.to(x.dtype)
+        acc = bilinear_accumulate(
+            x, out_size, self.align_corners, scale_factors=None if factors is None else factors[:2]
+        )
         lo, hi = bounds(self.output_dtype)
         out = rounding_right_shift(acc * self.multiplier, self.shift)
         return out.clamp(lo, hi).to(torch_dtype(self.output_dtype))
+
+    def extra_repr(self) -> str:
+        size = "at run time" if self.size is None and self.scale_factor is None else self.size
+        return f"size={size}, scale_factor={self.scale_factor}, mode={self.mode!r}, align_corners={self.align_corners}"

@@ -14,18 +14,28 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.utils import _pair
+from torch.nn.modules.utils import _ntuple
 
 from hq_lightning.dtype import QuantDType, torch_dtype
 from hq_lightning.functional.integer import (
     adaptive_avg_pool_sums,
     avg_pool_sum,
+    integer_max_pool,
     quantize_multiplier,
     rounding_right_shift,
 )
 from hq_lightning.nn.quantized._common import activation_dtype, bounds, scale_tensor
 
-__all__ = ["QuantizedAvgPool2d", "QuantizedAdaptiveAvgPool2d", "QuantizedMaxPool2d"]
+__all__ = [
+    "QuantizedAdaptiveAvgPool1d",
+    "QuantizedAdaptiveAvgPool2d",
+    "QuantizedAdaptiveAvgPool3d",
+    "QuantizedAvgPool1d",
+    "QuantizedAvgPool2d",
+    "QuantizedAvgPool3d",
+    "QuantizedMaxPool",
+    "QuantizedMaxPool2d",
+]
 
 
 class QuantizedAvgPool2d(nn.Module):
@@ -33,8 +43,11 @@ class QuantizedAvgPool2d(nn.Module):
 
     Args: ``kernel_size, stride=None, padding=0`` as ``torch.nn.AvgPool2d`` (``ceil_mode=False``;
     with padding only ``count_include_pad=True``), ``input_scale``, ``output_scale``,
-    ``output_dtype``.
+    ``output_dtype``. ``QuantizedAvgPool1d`` / ``QuantizedAvgPool3d``: the same on 1 / 3
+    spatial dims.
     """
+
+    _dims = 2
 
     def __init__(
         self,
@@ -49,9 +62,10 @@ class QuantizedAvgPool2d(nn.Module):
         count_include_pad: bool = True,
     ) -> None:
         super().__init__()
-        self.kernel_size = _pair(kernel_size)
-        self.stride = _pair(stride if stride is not None else kernel_size)
-        self.padding = _pair(padding)
+        tup = _ntuple(self._dims)
+        self.kernel_size = tup(kernel_size)
+        self.stride = tup(stride if stride is not None and stride != () else kernel_size)
+        self.padding = tup(padding)
         if ceil_mode or (not count_include_pad and any(self.padding)):
             raise ValueError(
                 "Expected `ceil_mode=False` and (`count_include_pad=True` or no padding): windows "
@@ -72,13 +86,29 @@ class QuantizedAvgPool2d(nn.Module):
         return out.clamp(lo, hi).to(torch_dtype(self.output_dtype))
 
 
+class QuantizedAvgPool1d(QuantizedAvgPool2d):
+    """:class:`QuantizedAvgPool2d` on ``(N, C, L)``."""
+
+    _dims = 1
+
+
+class QuantizedAvgPool3d(QuantizedAvgPool2d):
+    """:class:`QuantizedAvgPool2d` on ``(N, C, D, H, W)``."""
+
+    _dims = 3
+
+
 class QuantizedAdaptiveAvgPool2d(nn.Module):
     """torch's adaptive windows; per output position ``M_ij = s_in / (count_ij * s_out)``.
+
+    ``QuantizedAdaptiveAvgPool1d`` / ``3d``: the same on 1 / 3 spatial dims.
 
     The multipliers depend on the input's spatial size, so they are cached per ``(H, W, device)``
     and recomputed when ``input_scale`` or ``output_scale`` is replaced or changed in place (under
     tracing or export they are computed in the graph, from the buffers, as before).
     """
+
+    _dims = 2
 
     def __init__(
         self,
@@ -89,7 +119,7 @@ class QuantizedAdaptiveAvgPool2d(nn.Module):
         output_dtype: QuantDType | str = "qint8",
     ) -> None:
         super().__init__()
-        self.output_size = _pair(output_size)
+        self.output_size = _ntuple(self._dims)(output_size)
         self.output_dtype = activation_dtype(output_dtype, "output_dtype")
         self.register_buffer("input_scale", scale_tensor(input_scale, "input_scale"))
         self.register_buffer("output_scale", scale_tensor(output_scale, "output_scale"))
@@ -111,7 +141,7 @@ class QuantizedAdaptiveAvgPool2d(nn.Module):
             for new, old in zip(scales, self._multipliers_for)
         ):
             self._multipliers, self._multipliers_for = {}, scales
-        key = (x.shape[-2], x.shape[-1], x.device)
+        key = (*x.shape[-self._dims :], x.device)
         cached = self._multipliers.get(key)
         if cached is None:
             cached = self._multipliers[key] = self._multiplier_shift(counts)
@@ -133,6 +163,51 @@ class QuantizedAdaptiveAvgPool2d(nn.Module):
         lo, hi = bounds(self.output_dtype)
         out = rounding_right_shift(sums * m, n)
         return out.clamp(lo, hi).to(torch_dtype(self.output_dtype))
+
+
+class QuantizedAdaptiveAvgPool1d(QuantizedAdaptiveAvgPool2d):
+    """:class:`QuantizedAdaptiveAvgPool2d` on ``(N, C, L)``."""
+
+    _dims = 1
+
+
+class QuantizedAdaptiveAvgPool3d(QuantizedAdaptiveAvgPool2d):
+    """:class:`QuantizedAdaptiveAvgPool2d` on ``(N, C, D, H, W)``."""
+
+    _dims = 3
+
+
+class QuantizedMaxPool(nn.Module):
+    """A max pool of integer codes (values pass through, the scale is the input's).
+
+    Args:
+        kind: the float function's name in ``torch.nn.functional``: ``"max_pool1d"``,
+            ``"max_pool3d"``, ``"adaptive_max_pool2d"``...
+        **kwargs: its arguments (``kernel_size``, ``stride``..., or ``output_size``).
+
+    Example:
+        >>> import torch
+        >>> pool = QuantizedMaxPool("max_pool1d", kernel_size=2)
+        >>> pool(torch.tensor([[[1, -3, 7, 2]]], dtype=torch.int8)).tolist()
+        [[[1, 7]]]
+    """
+
+    KINDS = tuple(
+        f"{a}max_pool{d}d" for a in ("", "adaptive_") for d in (1, 2, 3)
+    )
+
+    def __init__(self, kind: str, **kwargs) -> None:
+        super().__init__()
+        if kind not in self.KINDS:
+            raise ValueError(f"Expected `kind` to be one of {self.KINDS}, but got {kind!r}.")
+        self.kind = kind
+        self.kwargs = kwargs
+
+    def forward(self, x: Tensor) -> Tensor:
+        return integer_max_pool(x, getattr(F, self.kind), **self.kwargs)
+
+    def extra_repr(self) -> str:
+        return ", ".join([self.kind] + [f"{k}={v}" for k, v in self.kwargs.items()])
 
 
 class QuantizedMaxPool2d(nn.Module):

@@ -247,6 +247,16 @@ def _check_elementwise(node: fx.Node, quantized: QParams | None, elementwise: bo
     return quantized
 
 
+def _declared_qparams(declared: Any) -> Any:
+    # (scale, dtype, ch_axis) -> QParams; a tuple of them (or None for a float element) -> tuple
+    if declared is None:
+        return None
+    if isinstance(declared[0], torch.Tensor):
+        scale, dtype, ch_axis = declared
+        return QParams(scale.detach().to(torch.float32).reshape(-1).clone(), as_dtype(dtype), ch_axis)
+    return tuple(_declared_qparams(item) for item in declared)
+
+
 def _module_output(node: fx.Node, module: nn.Module, inputs: list[Any]) -> Any:
     quantized = _first_quantized([q for q in inputs if isinstance(q, QParams)])
     if mapping.is_dequant(module):
@@ -259,6 +269,11 @@ def _module_output(node: fx.Node, module: nn.Module, inputs: list[Any]) -> Any:
             raise _unsupported(node, f"unprepared QuantStub `{node.target}`")
         return _fake_quant_qparams(fake_quant)
     if mapping.is_qat_module(module):
+        declared = getattr(module, "output_qparams", None)
+        if callable(declared):
+            # the module states its output qparams: a constant operand (no quantized input) or a
+            # tuple output with one scale per element (nn.MultiheadAttention's (out, weights))
+            return _declared_qparams(declared())
         if quantized is None:
             raise RuntimeError(
                 f"Expected the input of QAT module `{node.target}` ({type(module).__name__}) to be "
@@ -284,6 +299,8 @@ def _function_output(node: fx.Node, inputs: list[Any]) -> Any:
     target = node.target
     if target is operator.getitem:
         # an item of a split/chunk of an integer tensor, a slice of it, or an element of a shape
+        if inputs and isinstance(inputs[0], tuple) and isinstance(node.args[1], int):
+            return inputs[0][node.args[1]]  # one element of a module's tuple output
         return inputs[0] if inputs else None
     if target is getattr:
         return NON_TENSOR
@@ -372,6 +389,7 @@ def _replace_modules(model: fx.GraphModule, env: dict[fx.Node, Any]) -> None:
     modules = dict(model.named_modules())
     graph = model.graph
     functional_uses: dict[str, int] = {}
+    module_uses: dict[str, int] = {}
     for node in list(graph.nodes):
         inputs = _input_qparams(node, env)
         quantized = any(isinstance(q, QParams) for q in inputs)
@@ -380,8 +398,15 @@ def _replace_modules(model: fx.GraphModule, env: dict[fx.Node, Any]) -> None:
             builder = mapping.module_builder(module)
             if builder is None or not (isinstance(env[node], QParams) or quantized):
                 continue
-            ctx = ConvertContext(module, node, str(node.target), inputs, env[node])
-            _set_module(model, str(node.target), builder(ctx))
+            # a module called several times (one DeQuantStub for every output of a dict) gets
+            # one integer module per call: each knows the scales of its own call
+            path = str(node.target)
+            uses = module_uses.get(path, 0)
+            module_uses[path] = uses + 1
+            new_path = path if uses == 0 else _fresh_path(model, path)
+            ctx = ConvertContext(module, node, new_path, inputs, env[node])
+            _set_module(model, new_path, builder(ctx))
+            node.target = new_path
         elif node.op == "call_method":
             functional = _functional_module(node, modules)
             if functional is None or not isinstance(env[node], QParams):

@@ -7,7 +7,9 @@
 - Function and Tensor-method spellings of registered module ops become a generated module
   called with ``(x,)``, as the op's registry entry says (:class:`~hq_lightning.quantization.ops.Spelling`):
   ``F.avg_pool2d`` -> ``nn.AvgPool2d`` (``_generated_avg_pool2d_<i>``), ``F.adaptive_avg_pool2d``
-  -> ``nn.AdaptiveAvgPool2d``, ``F.interpolate`` / ``F.upsample`` -> ``nn.Upsample``...
+  -> ``nn.AdaptiveAvgPool2d``, ``F.interpolate`` / ``F.upsample`` -> ``Interpolate`` (an
+  ``nn.Upsample``; a ``size`` computed from another tensor's shape is passed to its forward:
+  ``_generated_interpolate_0(x, size=getitem)``)...
 - Scale-preserving calls (``F.relu``, ``F.relu6``, ``torch.flatten``, ``reshape``/``view``/``permute``
   /``transpose``/``contiguous``/``squeeze``/``unsqueeze``, indexing, ``max_pool2d``) stay as they are.
 - Operations on non-tensors (shapes, sizes, Python ints) are left alone: a node is a tensor when
@@ -157,11 +159,13 @@ class _Generator:
         node.replace_all_uses_with(new)
         graph.erase_node(node)
 
-    def module_call(self, node: fx.Node, op_name: str, module: nn.Module, x: fx.Node) -> None:
+    def module_call(
+        self, node: fx.Node, op_name: str, module: nn.Module, x: fx.Node, runtime: dict | None = None
+    ) -> None:
         path = node.meta.get("hq_module_path", "")
         name = self.new_module(op_name, module, path)
         with self.gm.graph.inserting_before(node):
-            new = self.gm.graph.call_module(name, (x,))
+            new = self.gm.graph.call_module(name, (x,), dict(runtime or {}))
         new.meta["hq_module_path"] = path
         self.tensors.add(new)
         node.replace_all_uses_with(new)
@@ -191,12 +195,20 @@ def _rewrite(gen: _Generator, node: fx.Node, tensors: set[fx.Node]) -> None:
         _rewrite_functional(gen, node, tensors, spec)
         return
     for op, spelling in ops.lookup_spelling(key):
-        bound = spelling.bind(tuple(node.args), dict(node.kwargs))
+        bound = spelling.bind_dynamic(tuple(node.args), dict(node.kwargs))
         if bound is None or bound[0] not in tensors:
             continue
-        x, ctor = bound
-        gen.module_call(node, spelling.generated_name(), op.build_module(spelling, ctor), x)
+        x, ctor, runtime = bound
+        if any(_holds_tensor(v, tensors) != (k in spelling.tensors) for k, v in runtime.items()):
+            continue  # a size computed from a tensor's values, or a size where a tensor is due
+        gen.module_call(node, spelling.generated_name(), op.build_module(spelling, ctor), x, runtime)
         return
+
+
+def _holds_tensor(value: Any, tensors: set[fx.Node]) -> bool:
+    if isinstance(value, (tuple, list)):
+        return any(_holds_tensor(v, tensors) for v in value)
+    return value in tensors if isinstance(value, fx.Node) else False
 
 
 def _rewrite_functional(gen: _Generator, node: fx.Node, tensors: set[fx.Node], spec: ops.OpSpec) -> None:
@@ -265,4 +277,6 @@ def generate_functional_modules(gm: QuantGraphModule) -> QuantGraphModule:
             _rewrite(gen, node, tensors)
     gm.graph.lint()
     gm.recompile()
-    return gm
+    from hq_lightning.quantization.fx.constant_operands import insert_constant_operands
+
+    return insert_constant_operands(gm)  # parameters read by ops on activations

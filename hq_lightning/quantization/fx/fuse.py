@@ -36,8 +36,10 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from hq_lightning.nn.intrinsic.fused import FUSABLE_BASES
@@ -108,17 +110,32 @@ def _match_add(gm: QuantGraphModule, end: fx.Node, user: fx.Node, sites: dict[st
     return None
 
 
+#: In-place spellings of the fusable activations (``x.relu_()``, ``torch.relu_(x)``).
+_INPLACE_ACTS: dict[Any, type[nn.Module]] = {"relu_": nn.ReLU, torch.relu_: nn.ReLU, F.relu_: nn.ReLU}
+
+
 def _match_act(gm: QuantGraphModule, end: fx.Node, user: fx.Node) -> type[nn.Module] | None:
     if user.op == "call_module":
         module = gm.get_submodule(user.target)
         return ACT_OPS.get(type(module)) if len(user.args) == 1 else None
-    if (
-        user.op in ("call_function", "call_method")
-        and user.args == (end,)
-        and set(user.kwargs) <= {"inplace"}
-    ):
-        return ACT_OPS.get(user.target)
-    return None
+    if user.op not in ("call_function", "call_method") or not user.args or user.args[0] is not end:
+        return None
+    # `F.relu(x, True)`: inplace passed positionally (a bool; a generated module is never in place)
+    rest = user.args[1:]
+    if len(rest) > 1 or (rest and not isinstance(rest[0], bool)) or not set(user.kwargs) <= {"inplace"}:
+        return None
+    found = ACT_OPS.get(user.target) if _hashable(user.target) else None
+    if found is None and _hashable(user.target) and not rest:
+        found = _INPLACE_ACTS.get(user.target)
+    return found
+
+
+def _hashable(target: Any) -> bool:
+    try:
+        hash(target)
+    except TypeError:
+        return False
+    return True
 
 
 def _find_match(gm: QuantGraphModule, conv: fx.Node, sites: dict[str, int]) -> _Match | None:

@@ -258,11 +258,7 @@ class _Classifier:
             return "user_float", f"{type(module).__name__} is a module class kept whole with fx_helper.wrap"
         spec = ops.lookup_module(module)
         if _is_qat(module) or qat_mapping.is_scale_preserving(module):
-            reason = _march_reason(spec)
-            if reason is not None:
-                return "no_integer_form", reason
-            if qat_mapping.is_scale_preserving(module) or _is_qat(module):
-                return "quantized"
+            return self._checked(spec, node, module)
         if self.qconfigs.get(path, _MISSING) is None:
             return "user_float", "its qconfig is None"
         if spec is not None and spec.qat is not None:
@@ -289,7 +285,7 @@ class _Classifier:
             return "float"
         spec = ops.lookup_method(target)
         if spec is not None and spec.kind is OpKind.PRESERVE:
-            return self._checked(spec, node)
+            return self._checked(spec, node, None)
         found = _spelling_reason(node)
         if found is not None:
             return found
@@ -303,7 +299,7 @@ class _Classifier:
             return "float" if len(node.args) > 1 and node.args[1] in qat_mapping.NON_TENSOR_METHODS else "quantized"
         spec = ops.lookup_function(target)
         if spec is not None and spec.kind is OpKind.PRESERVE:
-            return self._checked(spec, node)
+            return self._checked(spec, node, None)
         found = _spelling_reason(node)
         if found is not None:
             return found
@@ -315,12 +311,12 @@ class _Classifier:
             return "user_float", "the qconfig of its module is None"
         return _no_form()
 
-    def _checked(self, spec: ops.OpSpec, node: fx.Node) -> tuple[str, str] | str:
+    def _checked(self, spec: ops.OpSpec | None, node: fx.Node, module: nn.Module | None) -> tuple[str, str] | str:
         reason = _march_reason(spec)
         if reason is not None:
             return "no_integer_form", reason
-        if spec.check is not None:
-            why = spec.check(node)
+        if spec is not None and spec.check is not None:
+            why = spec.check(node, module)
             if why is not None:
                 return _no_form(why)
         return "quantized"

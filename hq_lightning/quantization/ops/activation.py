@@ -38,7 +38,8 @@ def build_relu6(ctx: ConvertContext) -> nn.Module:
 
 register_op(OpSpec(
     "relu", OpKind.PRESERVE, "max(q, 0) on integer codes; scale unchanged",
-    modules=(nn.ReLU,), functions=(torch.relu, F.relu), methods=("relu",), elementwise=True,
+    modules=(nn.ReLU,), functions=(torch.relu, F.relu, torch.relu_, F.relu_), methods=("relu", "relu_"),
+    elementwise=True,
     reference="max of integers is exact by definition",
 ))  # fmt: skip
 register_op(OpSpec(

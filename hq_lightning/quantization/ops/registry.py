@@ -216,9 +216,10 @@ class OpSpec:
         error: error bound of the integer op: ``bit-exact`` (against its reference, and so
             against VALIDATION), or a bound in output steps against the float function.
         reference: the slow reference the integer op is tested against.
-        check: ``check(node) -> reason | None``: why one call of a ``functions`` / ``methods``
-            spelling cannot run on integers (``F.pad`` with a value other than 0), so it runs
-            as a float island; ``None``: every call can.
+        check: ``check(node, module) -> reason | None``: why one call (``module``: the called
+            module, ``None`` for a function or method) cannot run on integers (``F.pad`` with a
+            value other than 0, ``Upsample`` in ``bicubic`` mode), so it runs as a float island;
+            ``None``: every call can.
     """
 
     name: str
@@ -239,7 +240,7 @@ class OpSpec:
     dtypes: tuple[str, ...] = ("qint8", "qint16")
     error: str = "bit-exact"
     reference: str = ""
-    check: Callable[[fx.Node], str | None] | None = None
+    check: Callable[[fx.Node, nn.Module | None], str | None] | None = None
 
     def preserves_scale(self, module: nn.Module | None = None) -> bool:
         """Whether this op (or this instance of it) keeps its input's scale (no fake quant)."""
