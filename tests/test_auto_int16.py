@@ -52,13 +52,15 @@ def test_promotion_keeps_state_dict_keys_and_restores_from_a_checkpoint():
     model = _planted()
     batches = [torch.randn(16, 8)]
     prepared = calibrated(model, batches)
-    keys = {k: v.shape for k, v in prepared.state_dict().items()}
+    buffers = {k: v.shape for k, v in prepared.named_buffers()}
+    keys = set(prepared.state_dict())
     promote_to_int16(prepared, ["2"])
-    assert {k: v.shape for k, v in prepared.state_dict().items()} == keys
+    assert {k: v.shape for k, v in prepared.named_buffers()} == buffers  # no buffer added or reshaped
+    assert set(prepared.state_dict()) == keys
     saved = prepared.state_dict()
     fresh = calibrated(model, [])  # same structure, int8
+    promote_to_int16(fresh, ["2"], recompute_scale=False)  # the dtypes first, as the callback does
     fresh.load_state_dict(saved)
-    promote_to_int16(fresh, ["2"], recompute_scale=False)
     assert torch.equal(fresh.get_submodule("2").activation_post_process.scale, saved["2.activation_post_process.scale"])
     with torch.no_grad():
         x = torch.randn(4, 8)
