@@ -1,33 +1,44 @@
 """QAT training step against the float training step: hq_lightning beside torch.ao's FX QAT.
 
-One step = forward, cross-entropy loss, backward, SGD (momentum) update. For each model we time
-the median of repeated steps in one process (steps of all variants interleaved), for
+One step = forward, cross-entropy loss, backward, SGD (momentum) update. For each model and each
+configuration (input size, batch, intra-op threads) we time the median of repeated steps in one
+process, the steps of all variants interleaved round-robin, so that load on a shared machine
+drifts over all variants alike and the ratios stay comparable:
 
-- ``float``: the float model (tests/models.py shapes: ResNet-18 and MobileNetV2, real widths);
+- ``float``: the float model;
 - ``hq fuse_bn``: ``prepare_qat_fx(model, {"": default_qat_8bit_fake_quant_qconfig})``;
 - ``hq with_bn``: the same with ``qat_mode="with_bn"`` (BN kept and trained);
 - ``torch.ao``: ``torch.ao.quantization.quantize_fx.prepare_qat_fx`` with
-  ``get_default_qat_qconfig_mapping("x86")`` (the baseline; only bench/ imports torch.ao).
+  ``get_default_qat_qconfig_mapping("x86")`` (the baseline; only bench/ imports torch.ao);
+- ``... compiled``: the same model under ``torch.compile`` (``float compiled``,
+  ``hq fuse_bn compiled``, ``torch.ao compiled``); compile time is spent in the warm-up.
+
+Models (``--source``): ``torchvision`` (default) builds ``torchvision.models.resnet18`` /
+``mobilenet_v2`` with ``num_classes=10`` wrapped as ``QuantStub -> model -> DeQuantStub``;
+``tests`` uses the torchvision-shaped models of ``tests/models.py``. March BAYES.
 
 Time is reported as wall-clock and as process CPU time (``time.process_time``); on a shared
-machine the CPU time is the steadier of the two (it does not count time the process waits for a
-core), with one intra-op thread it is the step's compute.
+machine with one intra-op thread the CPU time is the steadier of the two (it does not count time
+the process waits for a core).
 
-Peak memory of a step, relative to the float step. Measured on the step after the warm-up, with
-gradients freed (``zero_grad(set_to_none=True)``), as the peak minus the memory in use before the
-step (weights and optimizer state are in both, so the delta is gradients + what forward saves for
-backward + transient buffers):
+Peak memory of a step, relative to the float step. Measured on the step after the timed steps,
+with gradients freed (``zero_grad(set_to_none=True)``), as the peak minus the memory in use before
+the step (weights and optimizer state are in both, so the delta is gradients + what forward saves
+for backward + transient buffers):
 
 - CUDA: ``torch.cuda.max_memory_allocated()`` minus ``torch.cuda.memory_allocated()``.
 - CPU: glibc's ``mallinfo2()`` bytes in use (``uordblks + hblkhd``: every live heap allocation,
   torch's CPU tensors included), sampled after every aten op of the step by a
-  ``TorchDispatchMode`` (forward, backward and optimizer ops all pass through it). tracemalloc
-  cannot see torch's allocator and ``ru_maxrss`` mostly measures allocator slack.
+  ``TorchDispatchMode``. Not measured for compiled variants on CPU (the dispatch mode would
+  not see inside compiled kernels); on CUDA the allocator's peak covers them.
 
-Run (quiet machine; results go to bench/results/qat_step.md)::
+Run (results go to bench/results/qat_step.md)::
 
-    .venv/bin/python bench/bench_qat_step.py                 # CPU, 2 threads
-    .venv/bin/python bench/bench_qat_step.py --device cuda --batch 256
+    .venv/bin/python bench/bench_qat_step.py --configs 32x32:32:1,32x32:32:2,112x112:16:1,112x112:16:2
+    .venv/bin/python bench/bench_qat_step.py --device cuda --configs 224x224:64:0 \\
+        --variants "float,hq fuse_bn,torch.ao,float compiled,hq fuse_bn compiled,torch.ao compiled"
+
+A configuration is ``HxW:batch:threads`` (threads 0 keeps torch's default).
 """
 
 from __future__ import annotations
@@ -50,37 +61,65 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from hq_lightning.quantization import FakeQuantize, prepare_qat_fx
+from hq_lightning.march import set_march
+from hq_lightning.quantization import DeQuantStub, FakeQuantize, QuantStub, prepare_qat_fx
 from hq_lightning.quantization.qconfig import default_qat_8bit_fake_quant_qconfig
-from tests.models import mobilenet_v2, resnet18
 
-_LIBC = ctypes.CDLL("libc.so.6")
-MODELS = {"resnet18": resnet18, "mobilenet_v2": mobilenet_v2}
 VARIANTS = ("float", "hq fuse_bn", "hq with_bn", "torch.ao")
+COMPILED = ("float compiled", "hq fuse_bn compiled", "torch.ao compiled")
 #: Where the time of "hq fuse_bn" goes: the same prepared model with fake quant and/or observers off.
-BREAKDOWN = ("hq fuse_bn (fake quant + observers off)", "hq fuse_bn (observers only)")
+BREAKDOWN = ("hq fuse_bn (fake quant + observers off)", "hq fuse_bn (observers only)", "hq fuse_bn (observers frozen)")
 
 
-def build(model_name: str, variant: str, example: torch.Tensor, device: str) -> torch.nn.Module:
-    model = MODELS[model_name]().train()
-    if variant.startswith("hq fuse_bn"):
+class Stubbed(torch.nn.Module):
+    """``QuantStub -> model -> DeQuantStub``: how a user marks a torchvision model's quantized part."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.quant = QuantStub()
+        self.model = model
+        self.dequant = DeQuantStub()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dequant(self.model(self.quant(x)))
+
+
+def float_model(source: str, name: str, num_classes: int) -> torch.nn.Module:
+    if source == "torchvision":
+        import torchvision
+
+        return Stubbed(getattr(torchvision.models, name)(num_classes=num_classes))
+    from tests import models
+
+    return getattr(models, name)(num_classes=num_classes)
+
+
+def build(model: torch.nn.Module, variant: str, example: torch.Tensor, device: str) -> torch.nn.Module:
+    base = variant.removesuffix(" compiled")
+    model = copy.deepcopy(model).train()
+    if base.startswith("hq fuse_bn"):
         model = prepare_qat_fx(model, {"": default_qat_8bit_fake_quant_qconfig})
+        if base == BREAKDOWN[2]:
+            model(example)  # one observed batch gives every scale, then the observers freeze
         for module in model.modules():
             if isinstance(module, FakeQuantize):
-                module.fake_quant_enabled = variant == "hq fuse_bn"
-                module.observer_enabled = variant != BREAKDOWN[0]
-    elif variant == "hq with_bn":
+                module.fake_quant_enabled = base in ("hq fuse_bn", BREAKDOWN[2])
+                module.observer_enabled = base not in (BREAKDOWN[0], BREAKDOWN[2])
+    elif base == "hq with_bn":
         model = prepare_qat_fx(model, {"": default_qat_8bit_fake_quant_qconfig}, qat_mode="with_bn")
-    elif variant == "torch.ao":
+    elif base == "torch.ao":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             from torch.ao.quantization import get_default_qat_qconfig_mapping
             from torch.ao.quantization.quantize_fx import prepare_qat_fx as ao_prepare_qat_fx
 
-            model = ao_prepare_qat_fx(
-                copy.deepcopy(model), get_default_qat_qconfig_mapping("x86"), example_inputs=(example,)
-            )
-    return model.to(device).train()
+            model = ao_prepare_qat_fx(model, get_default_qat_qconfig_mapping("x86"), example_inputs=(example,))
+    elif base != "float":
+        raise ValueError(f"Expected a variant among {VARIANTS + COMPILED + BREAKDOWN}, but got {variant!r}.")
+    model = model.to(device).train()
+    if variant.endswith(" compiled"):
+        model = torch.compile(model)
+    return model
 
 
 def make_step(model, device):
@@ -99,18 +138,20 @@ def make_step(model, device):
     return step
 
 
-def inputs(batch: int, size: int, device: str):
+def inputs(batch: int, size: int, num_classes: int, device: str):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, size, size, generator=g).to(device)
-    target = torch.randint(0, 1000, (batch,), generator=g).to(device)
+    target = torch.randint(0, num_classes, (batch,), generator=g).to(device)
     return x, target
 
 
-def measure_variants(model_name, variants, args) -> dict[str, tuple[float, int | None]]:
-    """(median wall seconds, median CPU seconds, peak step bytes) of each variant; timed steps interleave round-robin
-    so that load on a shared machine drifts over all variants alike."""
-    x, target = inputs(args.batch, args.size, args.device)
-    steps = {v: make_step(build(model_name, v, x.cpu(), args.device), args.device) for v in variants}
+def measure_variants(model_name, variants, size, batch, args) -> dict[str, tuple[float, float, int | None]]:
+    """(median wall seconds, median CPU seconds, peak step bytes) of each variant; timed steps
+    interleave round-robin so that load on a shared machine drifts over all variants alike."""
+    x, target = inputs(batch, size, args.num_classes, args.device)
+    torch.manual_seed(0)
+    model = float_model(args.source, model_name, args.num_classes)
+    steps = {v: make_step(build(model, v, x.cpu(), args.device), args.device) for v in variants}
     for _ in range(args.warmup):
         for step in steps.values():
             step(x, target)
@@ -124,7 +165,9 @@ def measure_variants(model_name, variants, args) -> dict[str, tuple[float, int |
             cpu_times[variant].append(time.process_time() - cpu_start)
     results = {}
     for variant, step in steps.items():
-        memory = None if args.no_memory else peak_step_memory(step, step.optimizer, x, target, args.device)
+        memory = None
+        if not args.no_memory and (args.device == "cuda" or not variant.endswith(" compiled")):
+            memory = peak_step_memory(step, step.optimizer, x, target, args.device)
         results[variant] = (statistics.median(times[variant]), statistics.median(cpu_times[variant]), memory)
     return results
 
@@ -134,11 +177,10 @@ class _MallInfo2(ctypes.Structure):
         "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
-_LIBC.mallinfo2.restype = _MallInfo2
-
-
 def _heap_in_use() -> int:
-    info = _LIBC.mallinfo2()
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = _MallInfo2
+    info = libc.mallinfo2()
     return info.uordblks + info.hblkhd
 
 
@@ -171,51 +213,84 @@ def peak_step_memory(step, optimizer, x, target, device) -> int:
     return sampler.peak - before
 
 
-def main() -> None:
+def parse_configs(text: str) -> list[tuple[int, int, int]]:
+    configs = []
+    for item in text.split(","):
+        try:
+            size, batch, threads = item.strip().split(":")
+            height, width = size.lower().split("x")
+            if height != width:
+                raise ValueError
+            configs.append((int(height), int(batch), int(threads)))
+        except ValueError:
+            raise SystemExit(f"Expected --configs items like '32x32:32:1' (HxW:batch:threads), but got {item!r}.") from None
+    return configs
+
+
+def run(args: argparse.Namespace) -> str:
+    """Measure every configuration, print rows as they come, return the markdown report."""
+    set_march("bayes")
+    variants = [v for v in args.variants.split(",") if v]
+    if "float" not in variants:
+        variants.insert(0, "float")
+    sections, summary = [], []
+    for size, batch, threads in parse_configs(args.configs):
+        if threads:
+            torch.set_num_threads(threads)
+        rows = []
+        for model_name in args.models.split(","):
+            results = measure_variants(model_name, variants, size, batch, args)
+            float_s, float_cpu, float_m = results["float"]
+            compiled_float = results.get("float compiled")
+            for variant, (seconds, cpu_seconds, memory) in results.items():
+                base_s, base_cpu, base_m = compiled_float if variant.endswith(" compiled") and compiled_float else results["float"]
+                mem_ratio = "" if memory is None or not base_m else f"{memory / base_m:.2f}"
+                row = (model_name, variant, seconds * 1e3, seconds / base_s, cpu_seconds * 1e3, cpu_seconds / base_cpu,
+                       None if memory is None else memory / 2**20, mem_ratio)
+                rows.append(row)
+                print(f"{size}x{size} b{batch} t{torch.get_num_threads()} {model_name:13s} {variant:24s} "
+                      f"{seconds * 1e3:8.1f} ms / float {row[3]:.2f} (CPU {cpu_seconds * 1e3:8.1f} ms / float {row[5]:.2f})"
+                      + ("" if memory is None else f"  peak {memory / 2**20:8.1f} MiB / float {mem_ratio}"), flush=True)
+                summary.append((model_name, f"{size}x{size}", batch, torch.get_num_threads(), variant, row[3], row[5], mem_ratio))
+        device = (torch.cuda.get_device_name() if args.device == "cuda"
+                  else f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads")
+        lines = [
+            f"device: {device}; torch {torch.__version__}; input {size}x{size}, batch {batch}; "
+            f"{args.steps} timed steps after {args.warmup} warm-up steps; compiled variants relative to "
+            "`float compiled`",
+            "",
+            "| model | variant | wall step (ms, median) | / float | CPU step (ms, median) | / float | peak step memory (MiB) | / float |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for model_name, variant, ms, ratio, cpu_ms, cpu_ratio, mib, mem_ratio in rows:
+            mem = "" if mib is None else f"{mib:.1f}"
+            lines.append(f"| {model_name} | {variant} | {ms:.1f} | {ratio:.2f} | {cpu_ms:.1f} | {cpu_ratio:.2f} | {mem} | {mem_ratio} |")
+        sections.append("\n".join(lines))
+    head = ["| model | input | batch | threads | variant | wall / float | CPU / float | memory / float |",
+            "|---|---|---|---|---|---|---|---|"]
+    head += [f"| {m} | {s} | {b} | {t} | {v} | {r:.2f} | {c:.2f} | {mem} |"
+             for m, s, b, t, v, r, c, mem in summary if v != "float" and v != "float compiled"]
+    return "\n".join(head) + "\n\n" + "\n\n".join(sections) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--configs", default="32x32:32:1", help="comma-separated HxW:batch:threads")
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--source", default="torchvision", choices=("torchvision", "tests"))
+    parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument("--models", default="resnet18,mobilenet_v2")
     parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help=f"comma-separated, among {VARIANTS + BREAKDOWN}")
+                        help=f"comma-separated, among {VARIANTS + COMPILED + BREAKDOWN}")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--out", default=None, help="markdown file to write (default: print only)")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-
-    variants = [v for v in args.variants.split(",") if v]
-    rows = []
-    for model_name in args.models.split(","):
-        results = measure_variants(model_name, variants, args)
-        for variant, (seconds, cpu_seconds, memory) in results.items():
-            print(f"{model_name:13s} {variant:11s} {seconds * 1e3:8.1f} ms (CPU {cpu_seconds * 1e3:8.1f} ms)"
-                  + ("" if memory is None else f"  peak step memory {memory / 2**20:8.1f} MiB"), flush=True)
-        float_s, float_cpu, float_m = results["float"]
-        for variant, (seconds, cpu_seconds, memory) in results.items():
-            mem_ratio = "" if memory is None or not float_m else f"{memory / float_m:.2f}"
-            rows.append((model_name, variant, seconds * 1e3, seconds / float_s, cpu_seconds * 1e3, cpu_seconds / float_cpu,
-                         None if memory is None else memory / 2**20, mem_ratio))
-
-    device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({platform.processor() or platform.machine()}), {args.threads} threads"
-    lines = [
-        "| model | variant | wall step (ms, median) | / float | CPU step (ms, median) | / float | peak step memory (MiB) | / float |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for model_name, variant, ms, ratio, cpu_ms, cpu_ratio, mib, mem_ratio in rows:
-        mem = "" if mib is None else f"{mib:.1f}"
-        lines.append(f"| {model_name} | {variant} | {ms:.1f} | {ratio:.2f} | {cpu_ms:.1f} | {cpu_ratio:.2f} | {mem} | {mem_ratio} |")
-    table = "\n".join(lines)
-    header = (f"device: {device}; torch {torch.__version__}; input {args.size}x{args.size}, batch {args.batch}; "
-              f"{args.steps} timed steps after {args.warmup} warm-up steps")
-    print(header)
-    print(table)
+    args = parser.parse_args(argv)
+    report = run(args)
+    print(report)
     if args.out:
-        Path(args.out).write_text(f"{header}\n\n{table}\n")
+        Path(args.out).write_text(report)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from hq_lightning.march import March
+from hq_lightning.quantization.nonfinite import check_nonfinite
 from hq_lightning.quantization.observer import (
     ClipObserver,
     FixedScaleObserver,
@@ -161,13 +162,44 @@ ALL_OBSERVERS = [
 
 
 @pytest.mark.parametrize("make", ALL_OBSERVERS)
-def test_nan_and_inf_rejected(make):
+def test_nan_and_inf_batches_are_skipped_counted_and_reported(make):
+    """No host read in the step: a non-finite batch leaves the statistics as they were and is
+    reported by check_nonfinite (which convert_fx, set_fake_quantize and the callback call)."""
     obs = make()
-    with pytest.raises(ValueError, match="Expected the input of .* to be finite, but got a tensor containing NaN"):
-        obs(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]))
+    obs(torch.tensor([[1.0, -2.0], [0.0, 1.0]]))
+    before = {name: buffer.clone() for name, buffer in obs.state_dict().items()}
+    obs(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]))
+    assert all(torch.equal(before[name], buffer) for name, buffer in obs.state_dict().items())
+    with pytest.raises(ValueError, match=r"Expected the input of \w+ \(the module given\) to be finite, but 1 batch\(es\) contained NaN"):
+        check_nonfinite(obs)
     for bad in (float("inf"), float("-inf")):
-        with pytest.raises(ValueError, match=r"containing \+-inf"):
-            obs(torch.tensor([[1.0, bad], [0.0, 1.0]]))
+        obs(torch.tensor([[1.0, bad], [0.0, 1.0]]))
+    assert all(torch.equal(before[name], buffer) for name, buffer in obs.state_dict().items())
+    with pytest.warns(UserWarning, match=r"2 batch\(es\) contained \+-inf"):
+        assert check_nonfinite(obs, action="warn") == {"": (2, 0)}
+    assert check_nonfinite(obs) == {}
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_device_path_equals_the_host_path(per_channel, monkeypatch):
+    """The tensor-only decision (compiled, CUDA, distributed) gives the same statistics and counts
+    as the eager CPU one that reads two scalars."""
+    import hq_lightning.quantization.observer as observer_module
+
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(3, 4, generator=g) * (i + 1) for i in range(6)]
+    batches[0][0, 0] = float("nan")  # a non-finite first batch leaves the range at 0
+    batches[3][1, 2] = float("inf")
+    results = []
+    for host in (True, False):
+        monkeypatch.setattr(observer_module, "_host_reads_are_free", lambda x, host=host: host)
+        obs = (MovingAveragePerChannelMinMaxObserver(ch_axis=1, averaging_constant=0.5) if per_channel
+               else MovingAveragePerTensorMinMaxObserver(averaging_constant=0.5))
+        for x in batches:
+            obs(x)
+        results.append((obs.min_val.clone(), obs.max_val.clone(), check_nonfinite(obs, action="ignore")))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert results[0][2] == results[1][2] == {"": (2, 1)}
 
 
 @pytest.mark.parametrize("make", ALL_OBSERVERS)

@@ -24,6 +24,7 @@ _EXPORTS = {
     "LearnableFakeQuantize": "learnable_fake_quantize",
     "FakeQuantState": "state",
     "set_fake_quantize": "state",
+    "check_nonfinite": "nonfinite",
     "QConfig": "qconfig",
     # calibration -> QAT hand-over
     "copy_calibration_state": "calibration_state",

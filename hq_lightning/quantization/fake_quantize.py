@@ -5,13 +5,17 @@ Symmetric, zero point 0::
     y = clamp(round_half_even(x * (1 / scale)), qmin, qmax) * scale
 
 with ``1 / scale`` computed in float32 and a saturating straight-through gradient (``dy/dx = 1``
-where the rounded value lies in ``[qmin, qmax]``, 0 where it was clamped). This is exactly what
-torch's fused aten kernels ``fake_quantize_per_tensor_affine`` / ``fake_quantize_per_channel_affine``
-compute, so float32 inputs on an accelerator take them (one fused pass, cached-mask backward); on
-CPU, and for other floating dtypes, the same formula runs as plain torch ops in float32 on one
-temporary (measured faster than the aten kernels on CPU, whose loops are scalar), except small
-per-tensor float32 inputs, where the aten kernel's lower per-call cost wins. ``x * (1 / scale)`` equals
-``x / scale`` except within one ulp of a half-integer tie, and always for power-of-two scales.
+where the rounded value lies in ``[qmin, qmax]``, 0 where it was clamped). It runs as plain torch
+ops in float32 on few temporaries on every device, every size and every floating dtype (torch's
+fused aten kernels compute the same for finite input, but their CPU loops are scalar and they turn
+NaN into ``qmin * scale`` on CPU and into 0 on CUDA). Under ``torch.compile`` the same formula is
+written without looking at autograd nodes, so it compiles into one fused kernel.
+``x * (1 / scale)`` equals ``x / scale`` except within one ulp of a half-integer tie, and always
+for power-of-two scales.
+
+Non-finite input, on every path: NaN stays NaN (its gradient is 0, as outside the range), +-inf
+saturate to ``qmax * scale`` / ``qmin * scale`` (gradient 0). The integer model's ``Quantize`` maps
+NaN to code 0 and counts it (docs/integer-arithmetic.md, "Non-finite input").
 
 Example:
     >>> import torch
@@ -19,6 +23,8 @@ Example:
     tensor([0.2500, 1.0000, 9.0000])
     >>> fake_quantize(torch.tensor([100.0]), torch.tensor([0.5]), "qint8")  # saturates at 127
     tensor([63.5000])
+    >>> fake_quantize(torch.tensor([float("nan"), float("inf")]), torch.tensor([0.5]), "qint8")
+    tensor([    nan, 63.5000])
 """
 
 from __future__ import annotations
@@ -86,7 +92,8 @@ class _PlainFakeQuantize(torch.autograd.Function):
     * a leaf input (a weight parameter) is alive until backward anyway, so only a reference to it
       is kept and the in-range mask is recomputed from it in backward; likewise for an input
       computed as ``leaf * constant`` (see :func:`_leaf_times_constant`), recomputing the product;
-    * any other input keeps a ``bool`` mask of in-range codes (1 byte per element);
+    * any other input keeps a ``bool`` mask of in-range codes (1 byte per element): the codes
+      clamping leaves unchanged (NaN compares unequal: outside);
     * an input that needs no gradient keeps nothing.
 
     Backward is ``grad * mask`` (as the aten kernels: a NaN gradient stays NaN).
@@ -108,7 +115,11 @@ class _PlainFakeQuantize(torch.autograd.Function):
                 ctx.recompute_mask = ctx.recompute_product = True
                 ctx.save_for_backward(*product, inv_scale)
             else:
-                ctx.save_for_backward(_in_range_(q, qmin, qmax, out_of_place=True).to(torch.bool))
+                # one op fewer than an in-range test; eq_ on floats is vectorised, eq into bool is not
+                clamped = torch.clamp(q, qmin, qmax)
+                ctx.save_for_backward(q.eq_(clamped).to(torch.bool))
+                clamped.mul_(scale)
+                return clamped if x.dtype == torch.float32 else clamped.to(x.dtype)
         q.clamp_(qmin, qmax).mul_(scale)
         return q if x.dtype == torch.float32 else q.to(x.dtype)
 
@@ -123,22 +134,34 @@ class _PlainFakeQuantize(torch.autograd.Function):
                     x, inv_scale = ctx.saved_tensors
                     mask = torch.mul(x if x.dtype == torch.float32 else x.float(), inv_scale)
                 _in_range_(mask.round_(), *ctx.qrange)
-        else:
-            (mask,) = ctx.saved_tensors
-        mask = mask.to(grad.dtype)
-        return mask.mul_(grad), None, None, None, None
+            mask = mask.to(grad.dtype)
+            return mask.mul_(grad), None, None, None, None
+        (mask,) = ctx.saved_tensors
+        return torch.mul(grad, mask), None, None, None, None  # one op: the bool converts in the kernel
 
 
-#: Up to this many elements a per-tensor float32 fake quant on CPU takes the aten kernel: its
-#: C++ autograd node costs ~40 us less per call than a Python autograd.Function, which is more
-#: than its scalar loop loses below ~16k elements (measured, fwd + bwd, one thread).
-_SMALL_PER_TENSOR_NUMEL = 8192
+class _TracedFakeQuantize(torch.autograd.Function):
+    """The same formula and saturating STE for ``torch.compile``: no look at autograd nodes, a
+    ``bool`` mask saved (the compiler fuses the passes and decides what to keep)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, inv_scale, qmin, qmax):
+        q = torch.round(torch.mul(x.float(), inv_scale))
+        clamped = torch.clamp(q, qmin, qmax)
+        ctx.save_for_backward(torch.eq(q, clamped))
+        return torch.mul(clamped, scale).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        return torch.mul(grad, mask), None, None, None, None
 
 
 def _check_scale(x: torch.Tensor, scale: torch.Tensor, ch_axis: int | None) -> tuple[torch.Tensor, int | None]:
     if not isinstance(scale, torch.Tensor):
         scale = torch.tensor([float(scale)], device=x.device)
-    scale = scale.to(device=x.device, dtype=torch.float32)
+    if scale.dtype != torch.float32 or scale.device != x.device:
+        scale = scale.to(device=x.device, dtype=torch.float32)
     if ch_axis is None:
         if scale.numel() != 1:
             raise ValueError(
@@ -155,22 +178,6 @@ def _check_scale(x: torch.Tensor, scale: torch.Tensor, ch_axis: int | None) -> t
     return scale, axis
 
 
-def _fake_quantize_aten(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, axis: int | None):
-    """torch's fused kernels (float32 input; ``scale`` already checked)."""
-    if axis is None:
-        zero_point = torch.zeros(1, dtype=torch.int32, device=x.device)
-        return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)
-    shape = [1] * x.dim()
-    shape[axis] = scale.numel()
-    # The per-channel kernel casts the rounded code to int64 before clamping, so codes beyond
-    # 2**63 wrap to qmin. Bounding x at 2**40 codes first keeps saturation right; clamp's
-    # gradient is 0 out there, as the saturating STE's would be.
-    bound = (scale * 2.0**40).view(shape)
-    x = torch.clamp(x, -bound, bound)
-    zero_point = torch.zeros(scale.numel(), dtype=torch.int32, device=x.device)
-    return torch.fake_quantize_per_channel_affine(x, scale, zero_point, axis, qmin, qmax)
-
-
 def _fake_quantize_plain(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, axis: int | None):
     """Plain torch ops, same formula (``scale`` already checked)."""
     if axis is None:
@@ -180,7 +187,8 @@ def _fake_quantize_plain(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: 
         shape[axis] = scale.numel()
         scale = scale.view(shape)
     # reciprocal is the IEEE 1 / scale; ``1.0 / scale`` would run reciprocal and a multiply by 1
-    return _PlainFakeQuantize.apply(x, scale, torch.reciprocal(scale), qmin, qmax)
+    function = _TracedFakeQuantize if torch.compiler.is_compiling() else _PlainFakeQuantize
+    return function.apply(x, scale, torch.reciprocal(scale), qmin, qmax)
 
 
 def fake_quantize(
@@ -191,10 +199,8 @@ def fake_quantize(
 ) -> torch.Tensor:
     """Fake-quantize ``x`` with a symmetric ``scale`` (zero point 0), differentiable (saturating STE).
 
-    float32 inputs on an accelerator use torch's fused aten kernels; on CPU plain torch ops are
-    used because we measured them 2-4x faster there (the CPU aten kernels are scalar loops), except
-    per-tensor float32 inputs of at most 8192 elements, where the aten kernel's C++ autograd node
-    is cheaper per call. All paths compute the same formula bit for bit.
+    One implementation for every device, size and dtype (module docstring), so NaN stays NaN and
+    +-inf saturate everywhere; under ``torch.compile`` it fuses into one kernel.
 
     Args:
         x: floating point input.
@@ -207,10 +213,6 @@ def fake_quantize(
     """
     info = qinfo(dtype)
     scale, axis = _check_scale(x, scale, ch_axis)
-    if x.dtype == torch.float32 and (
-        x.device.type != "cpu" or (axis is None and x.numel() <= _SMALL_PER_TENSOR_NUMEL)
-    ):
-        return _fake_quantize_aten(x, scale, info.min, info.max, axis)
     return _fake_quantize_plain(x, scale, info.min, info.max, axis)
 
 
@@ -317,11 +319,11 @@ class FakeQuantize(WithArgsMixin, nn.Module):
     def _update_scale(self) -> None:
         self.__dict__["_scale_stale"] = False
         scale, zero_point = self.calculate_qparams()
-        if scale.shape != self.scale.shape:
-            self._buffers["scale"] = torch.empty_like(scale)
-            self._buffers["zero_point"] = torch.empty_like(zero_point)
-        self.scale.copy_(scale)
-        self.zero_point.copy_(zero_point)
+        buffers = self._buffers
+        if scale.shape != buffers["scale"].shape:
+            buffers["scale"] = torch.empty_like(scale)
+            buffers["zero_point"] = zero_point.clone()  # symmetric: always zeros, copied once
+        buffers["scale"].copy_(scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observer_enabled and self.training:

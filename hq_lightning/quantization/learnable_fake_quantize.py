@@ -37,6 +37,7 @@ from torch import nn
 from hq_lightning.dtype import QuantDType, qinfo
 from hq_lightning.march import get_march, uses_power_of_two_scales
 from hq_lightning.quantization.fake_quantize import FakeQuantize, _check_scale
+from hq_lightning.quantization.nonfinite import record_nonfinite, register_nonfinite
 from hq_lightning.quantization.observer import MovingAveragePerTensorMinMaxObserver
 from hq_lightning.quantization.qparams import SCALE_EPS
 
@@ -138,9 +139,14 @@ class LearnableFakeQuantize(FakeQuantize):
 
     ``module.scale`` reads the learned value as a detached tensor sharing the parameter's storage
     (what ``convert_fx`` reads). Positivity: before every forward and every read the parameter is
-    projected onto ``[eps_fp32, inf)`` in place (``param.data.clamp_(min=eps)``, untracked by
-    autograd), i.e. projected gradient descent; a step that drives it non-positive leaves it at
-    ``eps``, where its LSQ gradient (about ``qmin``/``qmax`` per element) pushes it back up.
+    projected onto ``[eps_fp32, inf)`` in place (on ``param.data``, untracked by autograd), i.e.
+    projected gradient descent; a step that drives it non-positive leaves it at ``eps``, where its
+    LSQ gradient (about ``qmin``/``qmax`` per element) pushes it back up. The projection also
+    repairs a step that left it NaN or +-inf (a NaN gradient, an overflow): each such element is
+    restored to its last projected value, and the step is counted on the device and reported by
+    :func:`~hq_lightning.quantization.nonfinite.check_nonfinite` at the next synchronising point
+    (``convert_fx``, ``set_fake_quantize``, the callback's epoch ends), so one bad step neither
+    poisons the scale for good nor passes unnoticed.
 
     Args:
         observer: observer class (or factory), used to initialise the scale.
@@ -187,6 +193,11 @@ class LearnableFakeQuantize(FakeQuantize):
         pinned = type(self.activation_post_process).__name__ == "FixedScaleObserver"
         self.register_parameter("scale", nn.Parameter(initial, requires_grad=not pinned))
         self._scale_initialized = False
+        register_nonfinite(self)  # steps that left the scale non-finite (repaired, reported later)
+        self.register_buffer("_last_good_scale", initial.clone(), persistent=False)
+
+    #: check_nonfinite words its report about a learned scale, not an input
+    learns_scale = True
 
     def reinitialize_scale(self) -> LearnableFakeQuantize:
         """Seed the scale from the observer again at the next observed batch (then learn on)."""
@@ -194,8 +205,17 @@ class LearnableFakeQuantize(FakeQuantize):
         return self
 
     def _scale_parameter(self) -> nn.Parameter:
+        """The parameter, projected in place (not tracked by autograd, no version bump) onto
+        ``[eps, inf)``, its non-finite elements restored to the last projected value; no host read."""
         param = self._parameters["scale"]
-        param.data.clamp_(min=SCALE_EPS)  # projection: not tracked by autograd, no version bump
+        data = param.data
+        last = self._buffers["_last_good_scale"]
+        if last.shape != data.shape or last.device != data.device:  # seeded, resized or moved
+            last = self._buffers["_last_good_scale"] = torch.ones_like(data)
+        finite = torch.isfinite(data)
+        record_nonfinite(self, finite.all(), torch.isnan(data).any())
+        data.copy_(torch.where(finite, data.clamp_min(SCALE_EPS), last))
+        last.copy_(data)
         return param
 
     def __getattr__(self, name: str) -> Any:

@@ -56,8 +56,9 @@ def compute_scale(
     """
     info = qinfo(dtype)
     half_range = (info.max - info.min) / 2.0
-    scale = amax.float().clamp_min(0.0) / half_range
-    scale = scale.clamp_min(SCALE_EPS)
+    # max(amax, 0) / h floored at eps == max(amax / h, eps) for every float (NaN included): a
+    # negative amax / h is below eps either way, so one clamp does both (one small op less per step)
+    scale = torch.div(amax.float(), half_range).clamp_min_(SCALE_EPS)
     if uses_power_of_two_scales(get_march() if march is None else march):
         scale = snap_power_of_two(scale)
     return scale

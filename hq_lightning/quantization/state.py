@@ -35,6 +35,7 @@ from torch import nn
 
 from hq_lightning.quantization.fake_quantize import FakeQuantize
 from hq_lightning.quantization.fx.integer_validation import invalidate_integer_models
+from hq_lightning.quantization.nonfinite import check_nonfinite
 
 __all__ = ["FakeQuantState", "set_fake_quantize"]
 
@@ -65,13 +66,18 @@ def _as_state(state: FakeQuantState | str) -> FakeQuantState:
 def set_fake_quantize(model: nn.Module, state: FakeQuantState | str) -> None:
     """Switch every FakeQuantize in ``model`` (a whole model or one submodule) to ``state``.
 
+    A state change is a point where the host waits anyway, so it first reports the non-finite
+    batches counted since the last check (:func:`~hq_lightning.quantization.nonfinite.check_nonfinite`).
+
     Raises:
         RuntimeError: when the model is in the wrong mode for ``state`` (the message says which
             call comes first).
+        ValueError: when observed inputs or learned scales were NaN or +-inf since the last check.
     """
     state = _as_state(state)
     if not isinstance(model, nn.Module):
         raise TypeError(f"Expected `model` to be an nn.Module, but got {type(model).__name__}.")
+    check_nonfinite(model)
     if state is FakeQuantState.QAT and not model.training:
         raise RuntimeError(
             "Expected the model to be in train mode for FakeQuantState.QAT, but it is in eval mode: "

@@ -62,6 +62,7 @@ from hq_lightning.dtype import QuantDType, as_dtype
 from hq_lightning.quantization.fake_quantize import FakeQuantize
 from hq_lightning.quantization.fx import convert_mapping as mapping
 from hq_lightning.quantization.fx import qat_mapping
+from hq_lightning.quantization.nonfinite import check_nonfinite
 
 __all__ = ["NON_TENSOR", "QParams", "convert_fx", "propagate_qparams"]
 
@@ -459,9 +460,12 @@ def convert_fx(model: fx.GraphModule) -> fx.GraphModule:
         TypeError: ``model`` was not prepared with ``prepare_qat_fx``.
         RuntimeError: some observers never saw data (all of them are listed by path), or an op
             on an integer tensor has no integer conversion.
+        ValueError: observed inputs or learned scales were NaN or +-inf since the last
+            :func:`~hq_lightning.quantization.nonfinite.check_nonfinite`.
     """
     _check_prepared(model)
     _check_calibrated(model)
+    check_nonfinite(model)  # non-finite batches counted during the steps are reported here
     converted = copy.deepcopy(model)
     converted.eval()
     with torch.no_grad():

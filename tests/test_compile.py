@@ -1,0 +1,88 @@
+"""A QAT step compiles as one graph: no host synchronisation, no graph break (issue 15).
+
+``torch.compile(model, fullgraph=True)`` raises on any graph break, so these tests fail if a
+fake quant, an observer or a scale update reads a tensor on the host (``.item()``, ``bool()``),
+looks at autograd nodes, or otherwise leaves the traceable subset. Graph breaks are found by
+dynamo's tracing (which also traces each autograd.Function's backward), so the torchvision models
+use the ``eager`` backend; the small model uses ``aot_eager``, which traces forward and backward
+like inductor (AOTAutograd) without inductor's code generation (minutes on a small CPU machine).
+The VALIDATION state (the integer arithmetic path) is not covered here.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hq_lightning.march import March, march_context
+from hq_lightning.qconfig import default_qat_8bit_fake_quant_qconfig
+from hq_lightning.quantization import DeQuantStub, FakeQuantize, QuantStub, prepare_qat_fx
+from hq_lightning.quantization.nonfinite import check_nonfinite
+
+torchvision = pytest.importorskip("torchvision")
+
+
+class Stubbed(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.quant, self.model, self.dequant = QuantStub(), model, DeQuantStub()
+
+    def forward(self, x):
+        return self.dequant(self.model(self.quant(x)))
+
+
+def _prepared(name):
+    torch.manual_seed(0)
+    with march_context(March.BAYES):
+        model = Stubbed(getattr(torchvision.models, name)(num_classes=10))
+        return prepare_qat_fx(model, {"": default_qat_8bit_fake_quant_qconfig}).train()
+
+
+def _step(model, x, target):
+    loss = F.cross_entropy(model(x), target)
+    loss.backward()
+    return loss.detach()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_qat_step_compiles_without_graph_break_observers_on_and_frozen(name):
+    torch._dynamo.reset()
+    model = _prepared(name)
+    x, target = torch.randn(2, 3, 32, 32), torch.tensor([1, 7])
+    _step(model, x, target)  # eager: every observer initialised (compiling from scratch: below)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        losses = [_step(compiled, x, target) for _ in range(2)]  # observers on
+    assert all(torch.isfinite(loss) for loss in losses)
+    scales = [m.scale.clone() for m in model.modules() if isinstance(m, FakeQuantize)]
+    for module in model.modules():
+        if isinstance(module, FakeQuantize):
+            module.disable_observer()
+    torch._dynamo.reset()
+    frozen = torch.compile(model, fullgraph=True, backend="eager")
+    _step(frozen, x * 100, target)  # frozen: a wider input leaves every scale as it was
+    assert all(torch.equal(a, m.scale) for a, m in zip(scales, (m for m in model.modules() if isinstance(m, FakeQuantize))))
+    assert check_nonfinite(model) == {}
+
+
+def test_compiled_step_counts_a_nan_batch_and_reports_it_afterwards():
+    """A non-finite batch inside a compiled step is skipped and counted on the device; the report
+    comes from check_nonfinite, outside the step."""
+    torch._dynamo.reset()
+    with march_context(March.BAYES):
+        model = prepare_qat_fx(
+            torch.nn.Sequential(QuantStub(), torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), DeQuantStub()),
+            {"": default_qat_8bit_fake_quant_qconfig},
+        ).train()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 8, 8)
+    compiled(x).sum().backward()
+    stub = next(m for m in model.modules() if isinstance(m, FakeQuantize))  # the input stub's
+    before = stub.scale.clone()
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    compiled(bad)
+    assert torch.equal(stub.scale, before)  # the NaN batch left the input range as it was
+    with pytest.raises(ValueError, match=r"Expected the input of .* to be finite, but 1 batch\(es\) contained NaN"):
+        check_nonfinite(model)
+    assert check_nonfinite(model) == {}  # reported once
