@@ -156,11 +156,13 @@ def test_copy_calibration_state_refuses_another_march():
 
 
 # ---------------------------------------------------------------- item 11: what a QuantStub accepts
-@pytest.mark.parametrize("state", [FakeQuantState.QAT, FakeQuantState.CALIBRATION, FakeQuantState.FLOAT])
+@pytest.mark.parametrize(
+    "state", [FakeQuantState.QAT, FakeQuantState.CALIBRATION, FakeQuantState.VALIDATION, FakeQuantState.FLOAT]
+)
 @pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.bool])
 def test_an_integer_input_names_the_stub_and_the_fix(state, dtype):
     """It used to run on and fail inside the conv with torch's dtype error (or pass through)."""
-    model = _prepared(calibrate=False)
+    model = _prepared(calibrate=state is FakeQuantState.VALIDATION)
     model.train(state is FakeQuantState.QAT)
     set_fake_quantize(model, state)
     images = torch.randint(0, 2 if dtype is torch.bool else 255, (2, 3, 8, 8)).to(dtype)
