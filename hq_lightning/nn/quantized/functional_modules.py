@@ -106,11 +106,16 @@ class QFunctional(nn.Module):
 
     def matmul(self, x: Tensor, y: Tensor, x_trans: bool = False, y_trans: bool = False) -> Tensor:
         self._need(2, "matmul")
+        from hq_lightning.functional.integer.attention import matmul_requantize
+
         a = x.transpose(-1, -2) if x_trans else x
         b = y.transpose(-1, -2) if y_trans else y
-        # float64 holds every sum of int16 x int16 products exactly up to K = 2^22
-        acc = torch.matmul(a.to(torch.float64), b.to(torch.float64)).to(torch.int64)
-        return self._out(_rhu(acc * self.product_multiplier, self.product_shift))
+        if a.dim() == 1 or b.dim() == 1:  # torch.matmul's vector forms
+            out = self.matmul(a.unsqueeze(0) if a.dim() == 1 else a, b.unsqueeze(-1) if b.dim() == 1 else b)
+            return out.squeeze(-1 if b.dim() == 1 else -2) if a.dim() != 1 or b.dim() != 1 else out.reshape(())
+        # exact int64 sum (docs/integer-arithmetic.md, section 10), multiplier sized for K
+        real = self.input_scale[:1].double() * self.input_scale[1:].double() / self.output_scale.double()
+        return matmul_requantize(a, b, real, self.output_dtype)
 
     def _requant_input(self, x: Tensor, index: int) -> Tensor:
         return _rhu(x.to(torch.int64) * self.multiplier[index], self.shift[index])

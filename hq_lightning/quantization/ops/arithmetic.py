@@ -28,7 +28,7 @@ from hq_lightning.quantization.ops.registry import OpKind, OpSpec, register_op
 if TYPE_CHECKING:  # pragma: no cover
     from hq_lightning.quantization.fx.convert import ConvertContext
 
-__all__ = ["build_functional"]
+__all__ = ["build_functional", "build_mul"]
 
 
 def build_functional(ctx: ConvertContext) -> nn.Module:
@@ -41,6 +41,20 @@ def build_functional(ctx: ConvertContext) -> nn.Module:
     tensors = [q for q in ctx.inputs if q is not NON_TENSOR]  # sizes passed as arguments
     scales = [per_tensor(ctx, q, f"tensor input {i}").scale for i, q in enumerate(tensors)]
     return nnq.QFunctional(torch.cat(scales), ctx.output.scale, ctx.output.dtype)
+
+
+def build_mul(ctx: ConvertContext) -> nn.Module:
+    """``mul``: a :class:`~hq_lightning.nn.quantized.QFunctional`, or with a per-channel constant
+    operand (``layer_scale * x``) a :class:`~hq_lightning.nn.quantized.constant.QuantizedChannelMul`."""
+    from hq_lightning.nn.quantized.constant import QuantizedChannelMul
+    from hq_lightning.quantization.fx.convert import NON_TENSOR
+
+    tensors = [q for q in ctx.inputs if q is not NON_TENSOR]
+    channel = [q for q in tensors if getattr(q, "per_channel", False) and q.dtype.value != "qint32"]
+    if len(tensors) != 2 or not channel:
+        return build_functional(ctx)
+    other = per_tensor(ctx, tensors[1] if tensors[0] is channel[0] else tensors[0], "activation operand")
+    return QuantizedChannelMul(other.scale, channel[0].scale, channel[0].ch_axis, ctx.output.scale, ctx.output.dtype)
 
 
 _REF = "tests/test_quantized_modules.py::test_qfunctional_matches_reference"
@@ -58,12 +72,15 @@ _functional("add", "binary", _PAIR, (operator.add, operator.iadd, torch.add), ("
 _functional("sub", "binary", _PAIR, (operator.sub, operator.isub, torch.sub), ("sub",))
 _functional("add_relu", "binary", _PAIR + ", clamped at 0")
 _functional(
-    "mul", "binary", "int64 product, one multiplier/shift for s_x * s_y / s_out",
-    (operator.mul, operator.imul, torch.mul), ("mul",),
+    "mul", "binary",
+    "int64 product, one multiplier/shift for s_x * s_y / s_out (one per channel for a per-channel "
+    "constant operand)",
+    (operator.mul, operator.imul, torch.mul), ("mul",), integer=build_mul,
 )
 _functional(
     "matmul", "binary", "exact integer matmul (float64 sums, exact to K = 2^22), requantized",
-    (operator.matmul, torch.matmul), ("matmul",),
+    (operator.matmul, operator.imatmul, torch.matmul, torch.bmm, torch.mm),
+    ("matmul", "bmm", "mm", "__matmul__"),
 )
 _functional("add_scalar", "scalar", "x * m plus the constant at the output scale, one rounding")
 _functional("mul_scalar", "scalar", "one multiplier/shift for |c| * s_in / s_out, sign applied")
