@@ -10,9 +10,17 @@ import pytest
 import torch
 from torch import nn
 
-from hq_lightning.functional.integer.attention import masked_softmax, softmax_exp_table, softmax_reciprocal
+from hq_lightning.functional.integer.attention import (
+    masked_softmax,
+    softmax_exp_table,
+    softmax_reciprocal,
+)
 from hq_lightning.functional.integer.matmul import exact_matmul, matmul_chunk
-from hq_lightning.nn.quantized.attention import QuantizedAttention, QuantizedMultiheadAttention, QuantizedWindowAttention
+from hq_lightning.nn.quantized.attention import (
+    QuantizedAttention,
+    QuantizedMultiheadAttention,
+    QuantizedWindowAttention,
+)
 from hq_lightning.nn.quantized.constant import QuantizedChannelMul, QuantizedConstant
 from hq_lightning.quantization import (
     DeQuantStub,
@@ -40,7 +48,7 @@ def _codes(shape, dtype, generator):
 def test_exact_matmul_matches_python_ints(dtypes):
     g = torch.Generator().manual_seed(1)
     a, b = _codes((2, 3, 9), dtypes[0], g), _codes((2, 9, 4), dtypes[1], g)
-    a[0, 0] = INT[dtypes[0]][1] + 1 if False else a[0, 0].fill_(-INT[dtypes[0]][1] - 1)  # extreme row
+    a[0, 0].fill_(-INT[dtypes[0]][1] - 1)  # an extreme row
     got = exact_matmul(a, b)
     want = [[[sum(int(a[n, i, t]) * int(b[n, t, j]) for t in range(9)) for j in range(4)] for i in range(3)] for n in range(2)]
     assert got.dtype == torch.int64 and got.tolist() == want
@@ -187,11 +195,6 @@ def test_constant_operands_convert_to_codes():
     assert len(by_ch) == 1 and by_ch[0].scale.numel() == 4  # layer_scale per channel
     for path, module in constants.items():
         fake_quant = prepared.get_submodule(path).weight_fake_quant
-        value = {3: prepared.layer_scale, 2: None}.get(module.codes.dim())
-        source = prepared.get_submodule(path)
-        # the codes are what the fake quant gives the constant, divided by its scale
-        param = {id(m): p for m, p in ((prepared.get_submodule(n), None) for n in constants)}  # noqa: F841
-        del value, source, param
         assert module.codes.dtype == torch.int8 and fake_quant.scale.flatten().tolist() == module.scale.tolist()
     mul = [m for m in converted.modules() if isinstance(m, QuantizedChannelMul)]
     assert len(mul) == 1

@@ -21,7 +21,6 @@ from torch import Tensor, nn
 
 from hq_lightning.dtype import QuantDType, torch_dtype
 from hq_lightning.functional.integer import (
-    quantize,
     quantize_multiplier,
     quantize_multipliers,
     requantize,
