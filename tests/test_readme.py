@@ -43,3 +43,43 @@ def _intermediates(graph_module, x):
         for hook in hooks:
             hook.remove()
     return [t for t in seen if isinstance(t, torch.Tensor)]
+
+
+def _train_commands():
+    for block in re.findall(r"```bash\n(.*?)```", README, re.S):
+        for line in block.splitlines():
+            command = line.split("#")[0].split("&&")[-1].strip()
+            if "train.py" in command:
+                yield command
+
+
+def test_readme_app_commands_run_in_the_venv_and_compose():
+    import shlex
+
+    from hydra import compose, initialize_config_dir
+
+    from hq_lightning.app.overrides import check_override_keys, quote_path_overrides
+    from hq_lightning.app.schema import register_configs
+    from hq_lightning.cli import CONFIG_PATH
+
+    register_configs()
+    commands = list(_train_commands())
+    assert len(commands) >= 8
+    for command in commands:
+        words = shlex.split(command)
+        assert words[:2] == [".venv/bin/python", "train.py"], command  # no bare `python`
+        args = quote_path_overrides(words[2:])
+        check_override_keys(args)
+        if "-m" in args:
+            continue  # a sweep's comma lists are for the launcher, not for compose
+        with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
+            compose("config", overrides=args)
+    assert 'pip install ".[mnist]"' not in README  # make venv installs it; this would replace -e
+
+
+def test_docs_cite_only_files_in_the_repository():
+    for path in [ROOT / "README.md", *(ROOT / "docs" / name for name in
+                                       ("app.md", "architecture.md", "deployment.md"))]:
+        text = path.read_text()
+        assert "semantics.md" not in text, path
+        assert "the chapter" not in text.lower(), path
