@@ -28,7 +28,7 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -100,6 +100,22 @@ class FloatRequantFactors:
     multiplier: Tensor
     offset: Tensor
     addend_multiplier: Tensor | None
+    #: broadcast views per (channel axis, ndim), made once: reshaping per call cost more than the
+    #: elementwise passes on small layers
+    _views: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def shaped(self, channel_axis: int, ndim: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(multiplier, offset, addend_multiplier)`` shaped to broadcast over an ``ndim`` tensor."""
+        views = self._views.get((channel_axis, ndim))
+        if views is None:
+            addend = self.addend_multiplier
+            views = (
+                channel_view(self.multiplier, channel_axis, ndim),
+                channel_view(self.offset, channel_axis, ndim),
+                None if addend is None else channel_view(addend, channel_axis, ndim),
+            )
+            self._views[(channel_axis, ndim)] = views
+        return views
 
     def to(self, device: torch.device) -> FloatRequantFactors:
         move = None if self.addend_multiplier is None else self.addend_multiplier.to(device)
@@ -219,15 +235,15 @@ def requantize_float(
     ``total`` (float32 or float64, exact integers, bias-free) is reused as the float64 work
     buffer when it is already float64 (it is overwritten). ``out`` (optional) receives the result.
     """
-    ndim = total.dim()
+    multiplier, offset, addend_multiplier = factors.shaped(channel_axis, total.dim())
     value = total if total.dtype == torch.float64 else total.to(torch.float64)
     # mul_ then add_ (measured 2x faster than one broadcast addcmul on CPU); each step is exact
-    value.mul_(channel_view(factors.multiplier, channel_axis, ndim))
-    value.add_(channel_view(factors.offset, channel_axis, ndim))
+    value.mul_(multiplier)
+    value.add_(offset)
     if addend is not None:
-        assert factors.addend_multiplier is not None
+        assert addend_multiplier is not None
         term = addend.to(torch.float64)
-        value.add_(term.mul_(channel_view(factors.addend_multiplier, channel_axis, ndim)))
+        value.add_(term.mul_(addend_multiplier))
     if out_min < 0:
         value.floor_()
     # on [0, max] truncation (the float -> int conversion) is floor, so ReLU outputs skip floor_

@@ -215,13 +215,18 @@ class QuantizedWeightedModule(nn.Module):
         return tuple((t, t._version) if t is not None else None for t in tensors)
 
     def _plan_is_current(self) -> bool:
+        # runs on every forward: reads the buffer dict directly (nn.Module.__getattr__ per buffer
+        # cost more than a small layer's epilogue)
         built = self._plan_built_for
         if built is None:
             return False
-        for old, new in zip(built, self._plan_key()):
-            if (old is None) != (new is None):
-                return False
-            if old is not None and (old[0] is not new[0] or old[1] != new[1]):
+        buffers = self._buffers
+        for name, old in zip(self._PLAN_SOURCES, built):
+            tensor = buffers.get(name)
+            if old is None:
+                if tensor is not None:
+                    return False
+            elif tensor is not old[0] or tensor._version != old[1]:
                 return False
         return True
 

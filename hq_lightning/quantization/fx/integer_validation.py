@@ -96,7 +96,7 @@ class IntegerModelCache:
     def clear(self) -> None:
         """Forget the integer model (the next VALIDATION forward rebuilds it)."""
         self.model: nn.Module | None = None
-        self.key: list[int] | None = None
+        self.key: list | None = None
         self.tensors: list[torch.Tensor] = []  # held, so a freed tensor's id cannot be reused
         self.failed = False
 
@@ -152,29 +152,49 @@ def _tracing() -> bool:
     )
 
 
-def _validation_key(model: nn.Module) -> tuple[list[int], list[torch.Tensor]] | None:
+def _validation_key(model: nn.Module) -> tuple[list, list[torch.Tensor]] | None:
     """The fingerprint of ``model`` if it is wholly in VALIDATION, else ``None``.
 
     Wholly in VALIDATION: no module in train mode, at least one FakeQuantize and all of them
-    fake-quantizing. The fingerprint holds, per parameter and buffer, its identity, storage
-    address and in-place version, plus the generated code and the state generation.
+    fake-quantizing. The fingerprint holds, per parameter and buffer (of a FakeQuantize: its
+    scale), its identity, storage address and in-place version, plus the generated code and the
+    state generation. It runs before every VALIDATION forward, so it walks the module dicts
+    directly and skips observers (about 0.1-0.3 ms for MobileNetV2 on one thread).
     """
     key: list[int] = [_generation, id(model.__dict__.get("_code"))]
     tensors: list[torch.Tensor] = []
+    add_key, add_tensor = key.append, tensors.append
     fake_quants = 0
-    for module in model.modules():
+    stack = [model]
+    pop, push = stack.pop, stack.extend
+    while stack:
+        module = pop()
+        if module is None:
+            continue
         if module.training:
             return None
+        attributes = module.__dict__
         if isinstance(module, FakeQuantize):
             if not module.fake_quant_enabled:
                 return None
             fake_quants += 1
-            if module.__dict__.get("_scale_stale"):
+            if attributes.get("_scale_stale"):
                 module.scale  # noqa: B018 - reading it settles a lazily computed scale first
-        for tensor in itertools.chain(module._parameters.values(), module._buffers.values()):
-            if tensor is not None:
-                tensors.append(tensor)
-                key += (id(tensor), tensor._version, tensor.data_ptr())
+            # convert reads only the scale (a buffer, or a learnable Parameter); its observer
+            # moves only in CALIBRATION/QAT, which a state switch (a new generation) ends
+            scale = attributes["_parameters"].get("scale")
+            if scale is None:
+                scale = attributes["_buffers"].get("scale")
+            if scale is not None:
+                add_tensor(scale)
+                add_key((id(scale), scale._version, scale.data_ptr()))
+            continue
+        for store in (attributes["_parameters"], attributes["_buffers"]):
+            for tensor in store.values():
+                if tensor is not None:
+                    add_tensor(tensor)
+                    add_key((id(tensor), tensor._version, tensor.data_ptr()))
+        push(attributes["_modules"].values())
     if not fake_quants:
         return None
     return key, tensors
