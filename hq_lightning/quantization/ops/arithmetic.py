@@ -64,7 +64,7 @@ _PAIR = "each operand times its own multiplier, one shared shift, summed in int6
 def _functional(name: str, form: str, summary: str, functions=(), methods=(), integer=build_functional, **kw) -> None:
     register_op(OpSpec(
         name, OpKind.FUNCTIONAL, summary, functions=tuple(functions), methods=tuple(methods),
-        functional=(name,), form=form, integer=integer, reference=_REF if integer else "", **kw,
+        functional=(name,), form=form, integer=integer, **{"reference": _REF if integer else "", **kw},
     ))  # fmt: skip
 
 
@@ -78,9 +78,12 @@ _functional(
     (operator.mul, operator.imul, torch.mul), ("mul",), integer=build_mul,
 )
 _functional(
-    "matmul", "binary", "exact integer matmul (float64 sums, exact to K = 2^22), requantized",
+    "matmul", "binary",
+    "exact int64 sum of products (float32/float64 chunks proved exact), multiplier/shift for "
+    "s_x * s_y / s_out sized for K, requantized",
     (operator.matmul, operator.imatmul, torch.matmul, torch.bmm, torch.mm),
     ("matmul", "bmm", "mm", "__matmul__"),
+    reference="tests/test_ops_attention.py::test_every_matmul_spelling_is_an_exact_integer_matmul",
 )
 _functional("add_scalar", "scalar", "x * m plus the constant at the output scale, one rounding")
 _functional("mul_scalar", "scalar", "one multiplier/shift for |c| * s_in / s_out, sign applied")
