@@ -6,6 +6,9 @@ CPU, ``torch.set_num_threads(2)``:
 - ``float``: the float model in eval mode (BN statistics set from data, see ``warm_batch_norm``);
 - ``hq converted``: ``convert_fx`` of the calibrated ``prepare_qat_fx`` model (exact integer
   arithmetic between the stubs);
+- ``VALIDATION``: the calibrated prepared model itself in ``FakeQuantState.VALIDATION``, which
+  runs its cached integer model (issue 13); the bench checks that its output equals the
+  converted model's bit for bit;
 - ``torch.ao converted``: torch.ao's post-training static FX flow (``get_default_qconfig_mapping
   ("x86")``, x86 int8 kernels), as the reference of what int8 kernels cost (only bench/ imports
   torch.ao).
@@ -81,14 +84,15 @@ def warm_batch_norm(model: nn.Module, batches: list[torch.Tensor]) -> nn.Module:
 
 def hq_converted(
     float_model: nn.Module, batches: list[torch.Tensor], repeats: int = 3
-) -> tuple[nn.Module, float]:
+) -> tuple[nn.Module, float, nn.Module]:
+    """The converted model, the median ``convert_fx`` time, and the prepared model in VALIDATION."""
     prepared = calibrated(float_model, batches)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         converted = convert_fx(prepared)
         times.append(time.perf_counter() - start)
-    return converted, statistics.median(times)
+    return converted, statistics.median(times), prepared
 
 
 def convert_time(repeats: int) -> list[str]:
@@ -207,12 +211,17 @@ def run(threads: int, rounds: int, want_profile: bool) -> list[str]:
     rows, convert_rows, exact_rows, profiles = [], [], [], {}
     for name, build in MODELS.items():
         float_model = warm_batch_norm(build(), batches)
-        converted, convert_seconds = hq_converted(float_model, batches)
+        converted, convert_seconds, prepared = hq_converted(float_model, batches)
         ao_model = torch_ao_converted(copy.deepcopy(float_model), batches)
-        medians = _medians({"float": float_model, "hq": converted, "ao": ao_model}, x, rounds, clock)
+        medians = _medians(
+            {"float": float_model, "hq": converted, "val": prepared, "ao": ao_model}, x, rounds, clock
+        )
         rows.append((name, medians))
         convert_rows.append((name, convert_seconds))
-        exact_rows.append((name, exactness(converted, x)))
+        checks = exactness(converted, x)
+        with torch.inference_mode():
+            checks["VALIDATION == converted"] = torch.equal(prepared(x), converted(x))
+        exact_rows.append((name, checks))
         if want_profile:
             profiles[name] = profile(converted, x)
         shown = {k: f"{v[0] * 1e3:.1f} ms (best {v[1] * 1e3:.1f})" for k, v in medians.items()}
@@ -223,20 +232,29 @@ def run(threads: int, rounds: int, want_profile: bool) -> list[str]:
         "",
         f"Median (best) of {rounds} interleaved rounds; the ratios divide the medians (bests).",
         "",
-        "| model | float ms | hq converted ms | hq / float | torch.ao converted ms | torch.ao / float |",
-        "|---|---|---|---|---|---|",
+        "| model | float ms | hq converted ms | hq / float | VALIDATION ms | VALIDATION / float "
+        "| torch.ao converted ms | torch.ao / float |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, m in rows:
         (f_med, f_min), (h_med, h_min), (a_med, a_min) = m["float"], m["hq"], m["ao"]
+        v_med, v_min = m["val"]
         lines.append(
             f"| {name} | {f_med * 1e3:.1f} ({f_min * 1e3:.1f}) | {h_med * 1e3:.1f} ({h_min * 1e3:.1f}) | "
-            f"{h_med / f_med:.2f} ({h_min / f_min:.2f}) | {a_med * 1e3:.1f} ({a_min * 1e3:.1f}) | "
+            f"{h_med / f_med:.2f} ({h_min / f_min:.2f}) | {v_med * 1e3:.1f} ({v_min * 1e3:.1f}) | "
+            f"{v_med / f_med:.2f} ({v_min / f_min:.2f}) | {a_med * 1e3:.1f} ({a_min * 1e3:.1f}) | "
             f"{a_med / f_med:.2f} ({a_min / f_min:.2f}) |"
         )
     lines += ["", "convert_fx wall time, median of 3:", "", "| model | seconds |", "|---|---|"]
     lines += [f"| {name} | {s:.3f} |" for name, s in convert_rows]
-    lines += ["", "Exactness checks of the converted model:", "", "| model | deterministic | batch invariant |", "|---|---|---|"]
-    lines += [f"| {name} | {e['deterministic']} | {e['batch invariant']} |" for name, e in exact_rows]
+    lines += [
+        "", "Exactness checks of the converted model:", "",
+        "| model | deterministic | batch invariant | VALIDATION == converted |", "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {name} | {e['deterministic']} | {e['batch invariant']} | {e['VALIDATION == converted']} |"
+        for name, e in exact_rows
+    ]
     for name, prof in profiles.items():
         total = prof.pop("(total)")
         lines += ["", f"Where the converted {name} spends its time (forward hooks, median of 5):", "", "| module type | ms | share |", "|---|---|---|"]

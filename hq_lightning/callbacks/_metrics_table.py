@@ -25,6 +25,27 @@ def images_note(images: dict[str, int], split: str = "validation") -> str:
     return f"Figures are over these numbers of {split} images: {listed}."
 
 
+def arithmetic_note(phases: list[str]) -> str:
+    """Says which columns are the same integer arithmetic as the converted model's.
+
+    A prepared model in VALIDATION runs the integer model ``convert_fx`` builds from it, so the
+    calibration and QAT columns were computed by the arithmetic the ``quantized`` column deploys.
+
+    Example:
+        >>> arithmetic_note(["float", "calibration", "qat", "quantized"])
+        'calibration, qat and quantized are the same integer arithmetic (VALIDATION runs the converted model).'
+        >>> arithmetic_note(["float", "quantized"])
+        ''
+    """
+    validated = [p for p in phases if p in ("calibration", "qat")]
+    if "quantized" not in phases or not validated:
+        return ""
+    return (
+        f"{', '.join(validated)} and quantized are the same integer arithmetic "
+        "(VALIDATION runs the converted model)."
+    )
+
+
 def render_metrics_table(metrics_table: dict[str, dict[str, float]], images: dict[str, int] | None = None) -> str:
     """Returns a text table with one row per metric and one column per phase.
 
@@ -59,7 +80,8 @@ def render_metrics_table(metrics_table: dict[str, dict[str, float]], images: dic
     buffer = io.StringIO()
     Console(file=buffer, width=120, force_terminal=False, color_system=None).print(table)
     note = images_note({p: n for p, n in (images or {}).items() if p in metrics_table})
-    return buffer.getvalue().rstrip("\n") + (f"\n{note}" if note else "")
+    notes = [n for n in (note, arithmetic_note(phases)) if n]
+    return buffer.getvalue().rstrip("\n") + "".join(f"\n{n}" for n in notes)
 
 
 def render_worst_layers(header: list[str], rows: list[list[str]]) -> str:
