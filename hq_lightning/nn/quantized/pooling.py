@@ -105,7 +105,8 @@ class QuantizedAdaptiveAvgPool2d(nn.Module):
 
     The multipliers depend on the input's spatial size, so they are cached per ``(H, W, device)``
     and recomputed when ``input_scale`` or ``output_scale`` is replaced or changed in place (under
-    tracing or export they are computed in the graph, from the buffers, as before).
+    ``torch.jit.trace`` they are computed in the graph, from the buffers; under ``torch.export``,
+    as for ONNX, the values of an eager call at that size are constants).
     """
 
     _dims = 2
@@ -131,8 +132,14 @@ class QuantizedAdaptiveAvgPool2d(nn.Module):
         return quantize_multiplier(real)
 
     def _cached_multiplier_shift(self, x: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
-        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        key = (*x.shape[-self._dims :], x.device)
+        if torch.jit.is_tracing():
             return self._multiplier_shift(counts)  # recorded from the buffers, never a stale constant
+        if torch.compiler.is_compiling():
+            # torch.export (ONNX): the values of an eager call at this size become constants
+            # (ONNX has no frexp); without one they are computed in the graph
+            cached = self._multipliers.get(key)
+            return cached if cached is not None else self._multiplier_shift(counts)
         # the scale tensors themselves (held, so a freed buffer's id cannot be reused) and their
         # in-place versions
         scales = tuple((t, t._version) for t in (self.input_scale, self.output_scale))
@@ -141,7 +148,6 @@ class QuantizedAdaptiveAvgPool2d(nn.Module):
             for new, old in zip(scales, self._multipliers_for)
         ):
             self._multipliers, self._multipliers_for = {}, scales
-        key = (*x.shape[-self._dims :], x.device)
         cached = self._multipliers.get(key)
         if cached is None:
             cached = self._multipliers[key] = self._multiplier_shift(counts)
