@@ -270,7 +270,12 @@ def instantiate_qconfig(node: DictConfig | dict | None, where: str = "qconfig") 
     container = _without_unset(OmegaConf.to_container(checked, resolve=True))
     check_qconfig_targets(container, where)  # before anything named in it is imported or called
     qconfig = instantiate(container, _convert_="all")
-    check_factories_build(qconfig, where, config_keys=True)
+    # the arguments alone, on a march that has every dtype: whether the march fits the dtypes is
+    # check_march_supports' question, answered with the marches to pick
+    from hq_lightning.march import March, march_context
+
+    with march_context(March.BAYES):
+        check_factories_build(qconfig, where, config_keys=True)
     return qconfig
 
 
