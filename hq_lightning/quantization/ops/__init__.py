@@ -34,6 +34,7 @@ from hq_lightning.quantization.ops import shape as _shape  # noqa: E402,F401
 from hq_lightning.quantization.ops import activation as _activation  # noqa: E402,F401
 from hq_lightning.quantization.ops import arithmetic as _arithmetic  # noqa: E402,F401
 from hq_lightning.quantization.ops import elementwise as _elementwise  # noqa: E402,F401
+from hq_lightning.quantization.ops import normalization as _normalization  # noqa: E402,F401
 from hq_lightning.quantization.ops import constants as _constants  # noqa: E402,F401
 from hq_lightning.quantization.ops import attention as _attention  # noqa: E402,F401
 from hq_lightning.quantization.ops.docs import render_operator_table  # noqa: E402
