@@ -144,13 +144,22 @@ def value_qparams(node: fx.Node, model: fx.GraphModule) -> tuple[torch.Tensor, Q
 def float_island_split_points(model: fx.GraphModule) -> list[str]:
     """Node names where a float island of the converted graph begins (CPU-side, float).
 
-    The hook through which ``at="auto"`` learns about float islands (parts of the model the
-    qconfig leaves in float inside the integer graph). The graph passes do not mark such islands
-    yet, so this returns ``[]``; once they do (a node meta key set by convert), return the first
-    node of each island here and :func:`auto_split_points` cuts there.
+    The hook through which ``at="auto"`` learns about float islands (ops that run in float
+    between integer parts, :func:`hq_lightning.quantization.float_islands`): prepare marks each
+    island's nodes with ``node.meta["hq_float_island"]``, convert keeps the mark; the first node
+    of each island in graph order (its entry dequantize) is returned, and the island's re-entry
+    QuantStub starts the next integer stage.
     """
-    del model
-    return []
+    from hq_lightning.quantization.fx.islands import META_KEY
+
+    seen: set[str] = set()
+    points: list[str] = []
+    for node in model.graph.nodes:
+        island = node.meta.get(META_KEY)
+        if island is not None and island not in seen:
+            seen.add(island)
+            points.append(node.name)
+    return points
 
 
 def _is_inner_quant_stub(node: fx.Node, model: fx.GraphModule) -> bool:
