@@ -110,6 +110,7 @@ def check_nonfinite(model: nn.Module, action: str = "raise") -> dict[str, tuple[
 def _message(model: nn.Module, counts: dict[str, tuple[int, int]]) -> str:
     lines = []
     learned = observed = False
+    notes = []
     for name, (bad, nan) in counts.items():
         module = model.get_submodule(name) if name else model
         what = "NaN" if nan == bad else ("+-inf" if nan == 0 else f"NaN ({nan}) or +-inf")
@@ -121,11 +122,15 @@ def _message(model: nn.Module, counts: dict[str, tuple[int, int]]) -> str:
                 f"{bad} step(s) left it {what}."
             )
         else:
-            observed = True
+            note = getattr(module, "nonfinite_note", None)
+            if note is None:
+                observed = True
+            elif note not in notes:
+                notes.append(note)
             lines.append(
                 f"Expected the input of {type(module).__name__} ({where}) to be finite, but {bad} "
                 f"batch(es) contained {what}."
             )
     shown = lines[:5] + ([f"... and {len(lines) - 5} more modules."] if len(lines) > 5 else [])
-    fixes = ([_FIX] if observed else []) + ([_FIX_SCALE] if learned else [])
+    fixes = ([_FIX] if observed else []) + ([_FIX_SCALE] if learned else []) + notes
     return " ".join(shown + fixes)

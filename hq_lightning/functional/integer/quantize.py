@@ -36,13 +36,20 @@ def quantize(
     """``clamp(round_half_even(x * (1 / scale)), qmin, qmax)`` in float32, as an integer tensor.
 
     ``1 / scale`` is computed in float32, the rule of the fake-quant kernels, so an input stub of
-    the converted model quantizes exactly like the fake quant it replaces.
+    the converted model quantizes exactly like the fake quant it replaces. Non-finite input, on
+    every device and size: NaN becomes code 0, +-inf saturate to ``qmax`` / ``qmin``
+    (docs/integer-arithmetic.md, "Non-finite input"); a cast of NaN to an integer would be
+    undefined (finite garbage).
+
+    Example:
+        >>> quantize(torch.tensor([float("nan"), float("inf"), -float("inf")]), torch.tensor([0.5]), "qint8").tolist()
+        [0, 127, -128]
     """
     info = qinfo(dtype)
     inverse = torch.reciprocal(scale.to(torch.float32))
     inverse = channel_view(inverse, ch_axis, x.dim())
     q = torch.round(x.to(torch.float32) * inverse)
-    return q.clamp(info.min, info.max).to(torch_dtype(dtype))
+    return q.nan_to_num_(nan=0.0).clamp_(info.min, info.max).to(torch_dtype(dtype))
 
 
 def dequantize(q: Tensor, scale: Tensor, ch_axis: int | None = None) -> Tensor:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from hq_lightning.dtype import QuantDType, torch_dtype
 from hq_lightning.functional.integer import dequantize, quantize, quantize_multiplier, requantize
 from hq_lightning.nn.quantized._common import activation_dtype, bounds, scale_tensor
+from hq_lightning.quantization.nonfinite import record_nonfinite, register_nonfinite
 
 __all__ = ["Quantize", "DeQuantize"]
 
@@ -18,6 +20,11 @@ class Quantize(nn.Module):
     input once its stage is split off) is built with ``input_scale``: integer input is then
     requantized, ``sat(RHU_n(x * m))`` with ``M = input_scale / scale`` (the rule of a one-input
     ``cat``, docs/integer-arithmetic.md section 6), and float input is quantized as above.
+
+    Non-finite float input: NaN becomes code 0 and +-inf saturate (the rule of
+    docs/integer-arithmetic.md, "Non-finite input"); each batch holding one is counted on the
+    device, without a host read, and reported by
+    :func:`~hq_lightning.quantization.nonfinite.check_nonfinite` (e.g. after an evaluation).
 
     Args:
         scale: the stub's scale (float or one-element tensor), stored in the ``scale`` buffer;
@@ -52,9 +59,16 @@ class Quantize(nn.Module):
         self.register_buffer(
             "input_scale", None if input_scale is None else scale_tensor(input_scale, "input_scale")
         )
+        register_nonfinite(self)
+
+    #: check_nonfinite's note for this module: what happened to the values
+    nonfinite_note = "NaN became code 0 and +-inf saturated to qmax / qmin: fix the input producing them."
 
     def forward(self, x: Tensor) -> Tensor:
         if x.is_floating_point():
+            if x.numel() and not _exporting():  # an exported graph only computes
+                finite = torch.isfinite(x).all()
+                record_nonfinite(self, finite, torch.isnan(x).any())
             return quantize(x, self.scale, self.dtype)
         if self.input_scale is None:
             raise TypeError(
@@ -72,6 +86,10 @@ class Quantize(nn.Module):
         if self.input_scale is not None:
             text += f", input_scale={self.input_scale.tolist()}"
         return text
+
+
+def _exporting() -> bool:
+    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
 
 
 class DeQuantize(nn.Module):
