@@ -61,6 +61,18 @@ def _activation(qconfig: Any, owner: str) -> nn.Module:
     return fake_quant
 
 
+def _probability_fake_quant(qconfig: Any) -> nn.Module:
+    # returned attention weights are probabilities in [0, 1]: a fixed scale (amax 1), so a module
+    # called with need_weights=False (never observing them) still converts
+    from hq_lightning.dtype import qinfo
+    from hq_lightning.nn.qat.fake_quant_builders import fixed_scale_fake_quant
+
+    _activation(qconfig, "attention weights")
+    dtype = dict(getattr(qconfig.activation, "keywords", {}) or {}).get("dtype", "qint8")
+    info = qinfo(dtype)
+    return fixed_scale_fake_quant(qconfig, 2.0 / (info.max - info.min), "attention weights")
+
+
 def constant_fake_quant(qconfig: Any, ch_axis: int | None = None, owner: str = "constant") -> nn.Module:
     """A weight-like fake quant for a constant operand: the weight fake-quant class and dtype.
 
@@ -196,7 +208,7 @@ class MultiheadAttention(nn.MultiheadAttention):
     Extra modules: ``in_proj_weight_fake_quant`` (or ``q/k/v_proj_weight_fake_quant`` when
     ``kdim``/``vdim`` differ), ``q_fake_quant``, ``k_fake_quant``, ``v_fake_quant``,
     ``attention`` (:class:`AttentionFakeQuant`), ``out_proj`` (QAT ``Linear``) and
-    ``weights_fake_quant`` (the head-averaged weights).
+    ``weights_fake_quant`` (the returned weights: probabilities, a fixed scale for ``[0, 1]``).
     """
 
     @classmethod
@@ -230,7 +242,7 @@ class MultiheadAttention(nn.MultiheadAttention):
         qat.k_fake_quant = _activation(qconfig, "k projection")
         qat.v_fake_quant = _activation(qconfig, "v projection")
         qat.attention = AttentionFakeQuant(qconfig)
-        qat.weights_fake_quant = _activation(qconfig, "averaged attention weights")
+        qat.weights_fake_quant = _probability_fake_quant(qconfig)
         qat.qconfig = qconfig
         owner = getattr(mod, "_hq_owner_path", None)
         if owner is not None:
