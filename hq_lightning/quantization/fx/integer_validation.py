@@ -88,7 +88,7 @@ class IntegerModelCache:
     Derived state only: a deep copy, a pickle or a copied module gets an empty cache.
     """
 
-    __slots__ = ("model", "key", "tensors", "failed")
+    __slots__ = ("model", "key", "tensors", "failed", "plain")
 
     def __init__(self) -> None:
         self.clear()
@@ -99,6 +99,9 @@ class IntegerModelCache:
         self.key: list | None = None
         self.tensors: list[torch.Tensor] = []  # held, so a freed tensor's id cannot be reused
         self.failed = False
+        # (generated code, top-level children) of a model found without any FakeQuantize (a
+        # traced or converted model): its forwards skip the walk while these stay the same
+        self.plain: tuple | None = None
 
     def __deepcopy__(self, memo: dict) -> IntegerModelCache:
         return IntegerModelCache()
@@ -152,8 +155,9 @@ def _tracing() -> bool:
     )
 
 
-def _validation_key(model: nn.Module) -> tuple[list, list[torch.Tensor]] | None:
-    """The fingerprint of ``model`` if it is wholly in VALIDATION, else ``None``.
+def _validation_key(model: nn.Module) -> tuple[list, list[torch.Tensor]] | object | None:
+    """The fingerprint of ``model`` if it is wholly in VALIDATION, else ``None`` (or
+    ``_NO_FAKE_QUANT`` when it has no fake quant at all).
 
     Wholly in VALIDATION: no module in train mode, at least one FakeQuantize and all of them
     fake-quantizing. The fingerprint holds, per parameter and buffer (of a FakeQuantize: its
@@ -196,8 +200,15 @@ def _validation_key(model: nn.Module) -> tuple[list, list[torch.Tensor]] | None:
                     add_key((id(tensor), tensor._version, tensor.data_ptr()))
         push(attributes["_modules"].values())
     if not fake_quants:
-        return None
+        return _NO_FAKE_QUANT
     return key, tensors
+
+
+_NO_FAKE_QUANT = object()
+
+
+def _plain_signature(model: nn.Module) -> tuple:
+    return (model.__dict__.get("_code"), tuple(model._modules.values()))
 
 
 def _calibrated(model: nn.Module) -> bool:
@@ -244,7 +255,13 @@ def integer_model(model: fx.GraphModule) -> nn.Module | None:
     """The (cached) integer model VALIDATION runs for ``model``, or ``None`` when it runs fake quant."""
     if model.training or _PER_MODULE.get() or _tracing():
         return None
+    cache = model.__dict__.get(CACHE_ATTR)
+    if cache is not None and cache.plain is not None and cache.plain == _plain_signature(model):
+        return None  # no fake quant anywhere (a converted or traced float model)
     state = _validation_key(model)
+    if state is _NO_FAKE_QUANT:
+        _cache(model).plain = _plain_signature(model)
+        return None
     if state is None:
         return None
     key, tensors = state
