@@ -391,6 +391,7 @@ def _replace_modules(model: fx.GraphModule, env: dict[fx.Node, Any]) -> None:
     graph = model.graph
     functional_uses: dict[str, int] = {}
     module_uses: dict[str, int] = {}
+    kept_float: list[fx.Node] = []  # calls left as they are (float input)
     for node in list(graph.nodes):
         inputs = _input_qparams(node, env)
         quantized = any(isinstance(q, QParams) for q in inputs)
@@ -398,6 +399,7 @@ def _replace_modules(model: fx.GraphModule, env: dict[fx.Node, Any]) -> None:
             module = modules[str(node.target)]
             builder = mapping.module_builder(module)
             if builder is None or not (isinstance(env[node], QParams) or quantized):
+                kept_float.append(node)
                 continue
             # a module called several times (one DeQuantStub for every output of a dict) gets
             # one integer module per call: each knows the scales of its own call
@@ -437,6 +439,14 @@ def _replace_modules(model: fx.GraphModule, env: dict[fx.Node, Any]) -> None:
             node.replace_all_uses_with(new_node)
             env[new_node] = env[node]
             graph.erase_node(node)
+    for node in kept_float:
+        # a module also called on integers (a DeQuantStub shared by an integer output and a
+        # float-island output) was replaced there: this float call keeps the float module
+        path = str(node.target)
+        if path in module_uses:
+            new_path = _fresh_path(model, path)
+            _set_module(model, new_path, modules[path])
+            node.target = new_path
 
 
 def _tensor_args(node: fx.Node) -> tuple[Any, ...]:
