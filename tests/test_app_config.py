@@ -19,6 +19,7 @@ from hq_lightning.app import qconfig_builder
 from hq_lightning.app.build import (
     build_callbacks,
     build_loggers,
+    build_quantization_callback,
     check_one_device_per_job,
     max_epochs,
 )
@@ -131,6 +132,13 @@ def test_yaml_qconfigs_equal_the_named_defaults():
         assert calibration[""] == _without_default_percentile(calib_qc), option
         assert calibration[""].activation().activation_post_process.percentile == 99.99
         assert (qat[""] if qat else None) == qat_qc, option
+
+
+def test_compile_key_reaches_the_callback():
+    for overrides, expected in (([], False), (["quant.compile=true"], True)):
+        cfg = _compose(["+quant=qat", *overrides])
+        callback = build_quantization_callback(cfg, build_qconfig_trees(cfg.quant), None)
+        assert callback.compile is expected
 
 
 def test_sweepable_averaging_constant_reaches_the_factory():

@@ -455,3 +455,42 @@ def test_bf16_mixed_precision_keeps_scales_fp32(tmp_path):
     assert fq_scales and all(s.dtype == torch.float32 and s.numel() > 0 for s in fq_scales.values())
     observers = [m.activation_post_process for m in module.model.modules() if isinstance(m, FakeQuantize)]
     assert all(b.dtype == torch.float32 for o in observers for b in o.buffers() if b.is_floating_point())
+
+
+# ---------------------------------------------------------------- compiling (issue 15)
+class _BatchRecorder(Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(outputs["loss"].detach().clone())
+
+
+@pytest.mark.slow
+def test_compiled_training_has_the_losses_of_eager(tmp_path):
+    """``compile=`` compiles the prepared submodule in place; calibration, QAT steps, validation
+    and conversion go through it with the losses of the eager run (aot_eager: AOTAutograd's
+    forward/backward graphs without inductor's code generation, so the step's arithmetic is the
+    same ops), and checkpoints keep their keys."""
+    losses = []
+    for compile_option in (False, {"backend": "aot_eager"}):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        callback = QuantizationCallback("model", calibration_batches=2, export=(), compile=compile_option)
+        recorder = _BatchRecorder()
+        trainer = make_trainer(tmp_path / str(bool(compile_option)), [callback, recorder], max_epochs=1,
+                               limit_train_batches=3, limit_val_batches=1)
+        module = classifier()
+        torch._dynamo.utils.counters.clear()
+        trainer.fit(module, digits())
+        assert (torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0) == bool(compile_option)
+        losses.append(torch.stack(recorder.losses))
+        keys = sorted(module.state_dict())
+        assert callback.quantized_model is not None
+    assert torch.equal(losses[0], losses[1])
+    assert not any("_orig_mod" in key for key in keys)
+
+
+def test_compile_option_is_checked():
+    with pytest.raises(TypeError, match="Expected `compile` to be a bool or a dict"):
+        QuantizationCallback("model", compile="yes")

@@ -130,6 +130,7 @@ def build_quantization_callback(
         auto_int16=bool(quant.get("auto_int16", False)),
         auto_int16_max_layers=int(quant.get("auto_int16_max_layers", 3)),
         auto_int16_sqnr_floor=quant.get("auto_int16_sqnr_floor"),
+        compile=bool(quant.get("compile", False)),
         plan_labels=override_labels(quant),
     )
 

@@ -157,6 +157,8 @@ class QuantConf:
     auto_int16: bool = False
     auto_int16_max_layers: int = 3
     auto_int16_sqnr_floor: Optional[float] = None
+    # quant.compile=true: torch.compile the prepared model in place (a QAT step is one graph)
+    compile: bool = False
 
 
 @dataclass

@@ -140,6 +140,10 @@ class QuantizationCallback(LayerReportMixin, Callback):
             validated once more as phase ``auto_int16``; the layers are kept in the checkpoint.
         auto_int16_max_layers: the most layers auto int16 promotes.
         auto_int16_sqnr_floor: stop promoting once the model-output SQNR (dB) reaches it.
+        compile: compile the prepared submodule in place with ``torch.compile``
+            (``Module.compile``, so parameter names and checkpoints are unchanged): ``True``, or a
+            dict of ``torch.compile`` arguments (e.g. ``{"mode": "max-autotune"}``). A QAT step
+            compiles as one graph (no host synchronisation); each phase change recompiles once.
 
     Attributes:
         phase: ``"float"``, ``"calibration"``, ``"qat"`` or ``"done"``.
@@ -180,6 +184,7 @@ class QuantizationCallback(LayerReportMixin, Callback):
         auto_int16: bool = False,
         auto_int16_max_layers: int = 3,
         auto_int16_sqnr_floor: float | None = None,
+        compile: bool | Mapping[str, Any] = False,
     ) -> None:
         super().__init__()
         if not isinstance(submodule, str) or not submodule:
@@ -237,6 +242,12 @@ class QuantizationCallback(LayerReportMixin, Callback):
         self.plan_labels = dict(plan_labels or {})
         self.plan: list[Any] = []
         self._init_layer_report(report, report_batches, auto_int16, auto_int16_max_layers, auto_int16_sqnr_floor)
+        if not isinstance(compile, (bool, Mapping)):
+            raise TypeError(
+                f"Expected `compile` to be a bool or a dict of torch.compile arguments (e.g. "
+                f"{{'mode': 'max-autotune'}}), but got {type(compile).__name__}."
+            )
+        self.compile = dict(compile) if isinstance(compile, Mapping) else compile
 
         self.phase = "float"
         self.calibrated = False
@@ -337,6 +348,9 @@ class QuantizationCallback(LayerReportMixin, Callback):
             live = self._prepare(current, live_qconfig)
         check_has_quant_stub(live, current, self.submodule)
         set_submodule(pl_module, self.submodule, live)
+        if self.compile is not False:
+            # in place (Module.compile): parameter names, checkpoints and DDP see the same module
+            live.compile(**(self.compile if isinstance(self.compile, dict) else {}))
         self._live = live
         self._layer_report_installed(live)
         self._module = pl_module
