@@ -25,6 +25,7 @@ from hq_lightning.quantization import (
     prepare_qat_fx,
     set_fake_quantize,
 )
+from hq_lightning.quantization.fx.integer_validation import fake_quant_path
 from hq_lightning.quantization.fx.convert import NON_TENSOR, QParams, propagate_qparams
 from hq_lightning.quantization.fx.tracer import symbolic_trace
 from hq_lightning.quantization.qconfig import (
@@ -379,11 +380,14 @@ class MaxPool1dNet(nn.Module):
         return self.dequant(F.max_pool1d(self.quant(x), 2))
 
 
-def test_op_without_integer_kernel_is_a_clear_error():
+def test_max_pool1d_has_an_integer_kernel():
     prepared = prepare_qat_fx(MaxPool1dNet(), {"": QC})
-    _calibrate(prepared, torch.randn(2, 3, 4))
-    with pytest.raises(RuntimeError, match="Expected .* integer kernel.*1-d max pool"):
-        convert_fx(prepared)
+    x = torch.randn(2, 3, 4)
+    _calibrate(prepared, x)
+    converted = convert_fx(prepared)
+    assert type(converted._generated_max_pool1d_0).__name__ == "QuantizedMaxPool"
+    with fake_quant_path():
+        assert torch.equal(converted(x), prepared(x))  # a max selects values: exact
 
 
 class Relu6AfterAddNet(nn.Module):
