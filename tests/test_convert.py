@@ -25,8 +25,8 @@ from hq_lightning.quantization import (
     prepare_qat_fx,
     set_fake_quantize,
 )
-from hq_lightning.quantization.fx.integer_validation import fake_quant_path
 from hq_lightning.quantization.fx.convert import NON_TENSOR, QParams, propagate_qparams
+from hq_lightning.quantization.fx.integer_validation import fake_quant_path
 from hq_lightning.quantization.fx.tracer import symbolic_trace
 from hq_lightning.quantization.qconfig import (
     default_qat_8bit_fake_quant_qconfig,
