@@ -309,3 +309,106 @@ def test_gradients_are_the_float_modules_through_the_output_fake_quant(name, flo
     if getattr(module, "weight", None) is not None:
         (wgrad,) = torch.autograd.grad(module(x).sum(), module.weight)
         assert wgrad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize("dtype", ["qint8", "qint16"])
+def test_softmax_matches_the_reference_bit_for_bit(log, dtype):
+    from hq_lightning.nn.quantized.normalization import QuantizedSoftmax
+    from tests.reference.norm_ref import ref_log_softmax, ref_softmax
+
+    info = torch.iinfo(TORCH[dtype])
+    s_in = 0.06 if dtype == "qint8" else 5e-4
+    s_out = (0.08 if dtype == "qint8" else 6e-4) if log else 1.0 / info.max
+    module = QuantizedSoftmax(1, s_in, dtype, s_out, dtype, log=log)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randint(info.min, info.max + 1, (3, 9, 5), generator=g, dtype=TORCH[dtype])
+    x[0, :, 0] = 7  # a constant row
+    got = module(x)
+    s_in32, s_out32 = float(torch.tensor(s_in)), float(torch.tensor(s_out))
+    for n in range(3):
+        for t in range(5):
+            row = x[n, :, t].tolist()
+            if log:
+                expected = ref_log_softmax(row, s_in32, s_out32, dtype, dtype)
+            else:
+                expected = ref_softmax(row, s_in32, s_out32, dtype, dtype)
+            assert got[n, :, t].tolist() == expected
+
+
+@pytest.mark.parametrize("qconfig", [QC8, QC16], ids=["int8", "int16"])
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_softmax_is_within_one_step_of_the_fake_quant_op(log, qconfig):
+    from hq_lightning.nn.quantized.normalization import QuantizedSoftmax
+
+    torch.manual_seed(5)
+    for length in (4, 64, 256):
+        float_module = nn.LogSoftmax(dim=-1) if log else nn.Softmax(dim=-1)
+        module = _qat_module(float_module, qconfig)
+        x = torch.randn(32, length) * 3
+        in_fq = _calibrate(module, qconfig, x)
+        out_fq = module.activation_post_process
+        int_module = QuantizedSoftmax(
+            -1, in_fq.scale, in_fq.dtype, out_fq.scale, out_fq.dtype, log=log
+        )
+        assert (
+            _steps_from_fake_quant_op(module, int_module, torch.randn(32, length) * 3, in_fq) <= 1
+        ), length
+
+
+def test_softmax_spellings_convert_and_an_implicit_dim_stays_float():
+    import warnings
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.quant, self.dequant = QuantStub(), DeQuantStub()
+            self.sm = nn.Softmax(dim=1)
+
+        def forward(self, x):
+            x = self.quant(x)
+            parts = [
+                self.sm(x),
+                F.softmax(x, dim=-1),
+                x.log_softmax(1),
+                torch.softmax(x, 1),
+                F.log_softmax(x, dim=1),
+            ]
+            return self.dequant(torch.cat(parts, dim=1))
+
+    model = prepare_qat_fx(Net(), {"": QC8}, allow_float_islands=False)
+    model.train()
+    model(torch.randn(8, 3, 4))
+    converted = convert_fx(model.eval())
+    softmaxes = [m for m in converted.modules() if type(m).__name__ == "QuantizedSoftmax"]
+    assert len(softmaxes) == 5 and sum(m.log for m in softmaxes) == 2
+    assert converted(torch.randn(2, 3, 4)).shape == (2, 15, 4)
+
+    class Implicit(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.quant, self.dequant, self.sm = QuantStub(), DeQuantStub(), nn.Softmax()
+
+        def forward(self, x):
+            return self.dequant(self.sm(self.quant(x)))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(Exception, match="explicit `dim`"):
+            prepare_qat_fx(Implicit(), {"": QC8}, allow_float_islands=False)
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_softmax_gradients_are_the_float_ones_through_the_output_fake_quant(log):
+    float_module = nn.LogSoftmax(dim=1) if log else nn.Softmax(dim=1)
+    module = _qat_module(float_module, QC16)
+    x = torch.randn(8, 10)
+    _calibrate(module, QC16, x)
+    module.train()
+    module.activation_post_process.disable_observer()
+    x = x.clone().requires_grad_(True)
+    weights = torch.randn(8, 10)
+    (grad,) = torch.autograd.grad((module(x) * weights).sum(), x)
+    x_ref = x.detach().clone().requires_grad_(True)
+    (true_grad,) = torch.autograd.grad((float_module(x_ref) * weights).sum(), x_ref)
+    assert torch.allclose(grad, true_grad, atol=1e-6)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 
-from tests.reference.integer_ref import ref_multipliers, rshift_round, sat
+from tests.reference.integer_ref import RANGES, ref_multipliers, rshift_round, sat
 
 _RSQRT_KNOTS = [round(2.0**42 / math.sqrt((1024 + j) * 2.0**14)) for j in range(3073)]
 
@@ -66,3 +66,44 @@ def ref_normalize(row: list[int], eps: float, s_in: float) -> list[int]:
 def ref_norm_output(z: int, gamma: float, beta: float, s_out: float, dtype: str) -> int:
     """The affine part of a normalisation: ``(z 2^-16 gamma + beta) / s_out``."""
     return ref_affine(z, ref_affine_factors(gamma * 2.0**-16, beta, s_out), dtype)
+
+
+def ref_exp_table(s_in: float, dtype: str, bits: int = 22) -> list[int]:
+    """``RNE(exp(-d s_in) 2^bits)`` for ``d = 0, 1, ...`` up to the first 0 (or the code range)."""
+    lo, hi = RANGES[dtype]
+    table = []
+    for d in range(hi - lo + 1):
+        table.append(round(Fraction(math.exp(-d * float(s_in))) * 2**bits))
+        if table[-1] == 0:
+            break
+    return table
+
+
+def _exp_sum(row: list[int], table: list[int]) -> tuple[int, list[int]]:
+    top = max(row)
+    e = [table[min(top - v, len(table) - 1)] for v in row]
+    return sum(e), e
+
+
+def ref_softmax(
+    row: list[int], s_in: float, s_out: float, in_dtype: str, out_dtype: str
+) -> list[int]:
+    """One row of the integer softmax: ``e / S / s_out`` rounded half up, ``1 / s_out`` as ``m 2^-n``."""
+    total, e = _exp_sum(row, ref_exp_table(s_in, in_dtype))
+    (m,), n = ref_multipliers([1.0 / float(s_out)])
+    return [sat(math.floor(Fraction(v * m, total * 2**n) + Fraction(1, 2)), out_dtype) for v in e]
+
+
+def ref_log_softmax(
+    row: list[int], s_in: float, s_out: float, in_dtype: str, out_dtype: str
+) -> list[int]:
+    """One row of the integer log-softmax: the softmax's exp table and sum, ``ln`` of the sum by
+    ``k ln 2`` plus the truncated 16-bit mantissa's ``ln``, one multiplier/shift."""
+    total, _ = _exp_sum(row, ref_exp_table(s_in, in_dtype))
+    top = max(row)
+    (m,), n = ref_multipliers([float(s_in) / float(s_out)])
+    unit = 2.0**n / float(s_out)
+    k = total.bit_length() - 1
+    index = ((total << 16) >> k) - 2**16
+    g = (k - 22) * round(math.log(2.0) * unit) + round(math.log(1.0 + index / 2.0**16) * unit)
+    return [sat(rshift_round((v - top) * m - g, n), out_dtype) for v in row]

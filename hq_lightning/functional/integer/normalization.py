@@ -25,10 +25,15 @@ from hq_lightning.functional.integer.multiplier import quantize_multiplier
 from hq_lightning.functional.integer.rounding import rounding_right_shift
 
 __all__ = [
+    "EXP_FRACTION_BITS",
+    "LOG_MANTISSA_BITS",
     "NORM_FRACTION_BITS",
     "RSQRT_BITS",
     "affine_factors",
     "affine_requantize",
+    "exp_table",
+    "log_softmax_codes",
+    "log_softmax_factors",
     "max_reduced_elements",
     "normalized_codes",
     "rsqrt_fixed",
@@ -128,4 +133,68 @@ def affine_requantize(
     """``sat(RHU_n(v * m + k))`` (``m``, ``n``, ``k`` broadcast against ``v``)."""
     info = qinfo(out_dtype)
     value = rounding_right_shift(v.to(torch.int64) * m + k, n)
+    return value.clamp(info.min, info.max).to(torch_dtype(out_dtype))
+
+
+#: ``log_table`` resolution: the mantissa of the exp sum is truncated to 16 fractional bits.
+LOG_MANTISSA_BITS = 16
+#: Fractional bits of the standalone softmax's exp table (``table[0] = 2^22`` stands for 1).
+EXP_FRACTION_BITS = 22
+
+
+def exp_table(
+    input_scale: Tensor, input_dtype: QuantDType | str, bits: int = EXP_FRACTION_BITS
+) -> Tensor:
+    """``table[d] = RNE(exp(-d s_in) 2^bits)`` (``math.exp`` in float64) for ``d = 0, 1, ...`` up to the
+    first 0 entry or ``qmax - qmin``; int64. ``d = max - q`` beyond the end reads the last entry."""
+    info = qinfo(input_dtype)
+    s = float(input_scale.to(torch.float32).reshape(-1)[0])
+    entries = []
+    for d in range(info.max - info.min + 1):
+        entries.append(round(math.exp(-d * s) * 2.0**bits))
+        if entries[-1] == 0:
+            break
+    return torch.tensor(entries, dtype=torch.int64)
+
+
+def log_softmax_factors(
+    input_scale: Tensor, output_scale: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(m, n, c1, log_table)`` of :func:`log_softmax_codes`.
+
+    ``(m, n)``: the multiplier of ``s_in / s_out``; ``c1 = RNE(ln 2 * 2^n / s_out)``;
+    ``log_table[i] = RNE(ln(1 + i / 2^16) * 2^n / s_out)``, ``i = 0..2^16 - 1`` (float64,
+    ``math.log``).
+    """
+    s_in = float(input_scale.to(torch.float32).reshape(-1)[0])
+    s_out = float(output_scale.to(torch.float32).reshape(-1)[0])
+    m, n = quantize_multiplier(torch.tensor([s_in / s_out], dtype=torch.float64))
+    unit = 2.0 ** int(n) / s_out
+    c1 = round(math.log(2.0) * unit)
+    table = [
+        round(math.log(1.0 + i / 2.0**LOG_MANTISSA_BITS) * unit)
+        for i in range(2**LOG_MANTISSA_BITS)
+    ]
+    return m, n, torch.tensor([c1], dtype=torch.int64), torch.tensor(table, dtype=torch.int64)
+
+
+def log_softmax_codes(
+    z: Tensor, exp_table: Tensor, m: Tensor, n: Tensor, c1: Tensor, log_table: Tensor,
+    out_dtype: QuantDType | str, fraction_bits: int = EXP_FRACTION_BITS,
+) -> Tensor:  # fmt: skip
+    """log-softmax over the last axis of integer codes ``z`` (docs/integer-arithmetic.md, section 11).
+
+    ``d = z - max`` (``<= 0``), ``S = sum exp_table[min(-d, D)]`` (exact int64, ``2^-F`` units),
+    ``k = floor(log2 S)``, ``i = ((S << 16) >> k) - 2^16`` (the mantissa, truncated), and
+    ``out = sat(RHU_n(d m - ((k - F) c1 + log_table[i])))``.
+    """
+    info = qinfo(out_dtype)
+    wide = z.to(torch.int64)
+    d = wide - wide.amax(dim=-1, keepdim=True)
+    e = exp_table.to(z.device)[(-d).clamp(max=exp_table.numel() - 1)]
+    total = e.sum(dim=-1, keepdim=True)
+    k = _floor_log2(total)
+    index = ((total << LOG_MANTISSA_BITS) >> k) - (1 << LOG_MANTISSA_BITS)
+    g = (k - fraction_bits) * c1.to(z.device) + log_table.to(z.device)[index]
+    value = rounding_right_shift(d * m.to(z.device) - g, n.to(z.device))
     return value.clamp(info.min, info.max).to(torch_dtype(out_dtype))

@@ -1,7 +1,7 @@
 """QAT normalisations: the float module, then an output fake quant.
 
 ``BatchNorm1d/2d/3d`` not folded into a conv (DenseNet's pre-activation BN), ``LayerNorm``,
-``GroupNorm`` and ``InstanceNorm1d/2d/3d`` keep their float forward (batch statistics in
+``GroupNorm``, ``InstanceNorm1d/2d/3d``, ``Softmax`` and ``LogSoftmax`` keep their float forward (batch statistics in
 training, running statistics in eval for BN; true gradients) and fake-quantize the output. The
 QAT module is the float module retyped: it shares the float module's Parameters and buffers.
 
@@ -37,7 +37,9 @@ __all__ = [
     "InstanceNorm2d",
     "InstanceNorm3d",
     "LayerNorm",
+    "LogSoftmax",
     "RetypedQATMixin",
+    "Softmax",
 ]
 
 
@@ -128,3 +130,26 @@ class LayerNorm(RetypedQATMixin, nn.LayerNorm):
         if self.activation_post_process is not None:
             out = self.activation_post_process(out)
         return out
+
+
+class _DimQAT(OutputFakeQuantMixin):
+    """``from_float`` copies ``dim``; the float module's forward, then the output fake quant."""
+
+    def __init__(self, dim: int | None = None, qconfig: Any = None) -> None:
+        super().__init__(dim)
+        self.qconfig = qconfig
+        self.activation_post_process = activation_fake_quant(qconfig)
+
+    @classmethod
+    def from_float(cls, mod: nn.Module, qconfig: Any = None) -> nn.Module:
+        qat = cls(mod.dim, qconfig=qconfig_of(mod, qconfig))
+        qat.train(mod.training)
+        return qat
+
+
+class Softmax(_DimQAT, nn.Softmax):
+    """QAT ``nn.Softmax``."""
+
+
+class LogSoftmax(_DimQAT, nn.LogSoftmax):
+    """QAT ``nn.LogSoftmax``."""

@@ -34,6 +34,7 @@ __all__ = [
     "QuantizedGroupNorm",
     "QuantizedInstanceNorm",
     "QuantizedLayerNorm",
+    "QuantizedSoftmax",
     "eps_term",
 ]
 
@@ -221,3 +222,66 @@ class QuantizedInstanceNorm(_Normalize):
             )
         z = self._normalize(x, x.flatten(channel_axis + 1))
         return self._affine(z, [-1] + [1] * self.spatial_dims)
+
+
+class QuantizedSoftmax(nn.Module):
+    """Integer ``softmax`` / ``log_softmax`` along ``dim``.
+
+    softmax: an exp table with 22 fractional bits
+    (:func:`~hq_lightning.functional.integer.normalization.exp_table`), then the exact int64 row
+    sum and one rounded division of :func:`~hq_lightning.functional.integer.attention.masked_softmax`
+    (the attention's softmax, no mask; its 16-bit table can be two steps off for int16 outputs);
+    log_softmax: :func:`~hq_lightning.functional.integer.normalization.log_softmax_codes`.
+
+    Args:
+        dim: the axis the probabilities sum over.
+        input_scale, input_dtype, output_scale, output_dtype: per-tensor qparams.
+        log: ``True`` for ``log_softmax``.
+    """
+
+    def __init__(self, dim: int, input_scale, input_dtype, output_scale, output_dtype="qint8",
+                 log: bool = False) -> None:  # fmt: skip
+        super().__init__()
+        from hq_lightning.functional.integer.attention import softmax_reciprocal
+        from hq_lightning.functional.integer.normalization import exp_table, log_softmax_factors
+
+        if not isinstance(dim, int):
+            raise ValueError(
+                f"Expected `dim` to be an int, but got {dim!r}: give softmax an explicit dim."
+            )
+        self.dim, self.log = dim, bool(log)
+        self.input_dtype = activation_dtype(input_dtype, "input_dtype")
+        self.output_dtype = activation_dtype(output_dtype, "output_dtype")
+        self.register_buffer("input_scale", scale_tensor(input_scale, "input_scale"))
+        self.register_buffer("output_scale", scale_tensor(output_scale, "output_scale"))
+        self.register_buffer("exp_table", exp_table(self.input_scale, self.input_dtype))
+        if self.log:
+            m, n, c1, log_table = log_softmax_factors(self.input_scale, self.output_scale)
+            self.register_buffer("multiplier", m)
+            self.register_buffer("shift", n)
+            self.register_buffer("log2_term", c1)
+            self.register_buffer("log_table", log_table)
+        else:
+            m, n = softmax_reciprocal(self.output_scale)
+            self.register_buffer("multiplier", m)
+            self.register_buffer("shift", n)
+
+    def forward(self, x: Tensor) -> Tensor:
+        from hq_lightning.functional.integer.attention import masked_softmax
+        from hq_lightning.functional.integer.normalization import log_softmax_codes
+
+        check_int_input(x, self.input_dtype)
+        z = x.movedim(self.dim, -1)
+        if self.log:
+            out = log_softmax_codes(
+                z, self.exp_table, self.multiplier, self.shift, self.log2_term, self.log_table,
+                self.output_dtype,
+            )  # fmt: skip
+        else:
+            out = masked_softmax(
+                z, self.exp_table, None, self.multiplier, self.shift, self.output_dtype
+            )
+        return out.movedim(-1, self.dim)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, log={self.log}"

@@ -1,4 +1,4 @@
-"""Registry entries: standalone BatchNorm, LayerNorm, GroupNorm, InstanceNorm (docs/integer-arithmetic.md,
+"""Registry entries: standalone BatchNorm, LayerNorm, GroupNorm, InstanceNorm, softmax, log_softmax (docs/integer-arithmetic.md,
 section 11).
 
 In QAT the float module runs, then the output fake quant (:mod:`hq_lightning.nn.qat.normalization`);
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -25,6 +26,7 @@ from hq_lightning.nn.quantized.normalization import (
     QuantizedGroupNorm,
     QuantizedInstanceNorm,
     QuantizedLayerNorm,
+    QuantizedSoftmax,
 )
 from hq_lightning.quantization.ops._context import per_tensor
 from hq_lightning.quantization.ops.registry import OpKind, OpSpec, Spelling, register_op
@@ -32,7 +34,14 @@ from hq_lightning.quantization.ops.registry import OpKind, OpSpec, Spelling, reg
 if TYPE_CHECKING:  # pragma: no cover
     from hq_lightning.quantization.fx.convert import ConvertContext
 
-__all__ = ["build_batch_norm", "build_group_norm", "build_instance_norm", "build_layer_norm"]
+__all__ = [
+    "build_batch_norm",
+    "build_group_norm",
+    "build_instance_norm",
+    "build_layer_norm",
+    "build_softmax",
+    "softmax_check",
+]
 
 _NORM_ERROR = "<= 1 step from the fake-quant op (exact int64 statistics, rsqrt rel. error < 1.5e-7)"
 _NORM_REF = "tests/reference/norm_ref.py::ref_normalize"
@@ -123,3 +132,50 @@ for _dims, _float, _qat in (
         + "; with track_running_stats: the per-channel affine of batch_norm",
         modules=(_float,), qat=_qat, integer=build_instance_norm, error=_NORM_ERROR, reference=_NORM_REF,
     ))  # fmt: skip
+
+
+def build_softmax(ctx: ConvertContext) -> nn.Module:
+    """QAT Softmax / LogSoftmax -> :class:`~hq_lightning.nn.quantized.normalization.QuantizedSoftmax`."""
+    io = _io(ctx)
+    return QuantizedSoftmax(
+        ctx.module.dim, io["input_scale"], io["input_dtype"], io["output_scale"], io["output_dtype"],
+        log=isinstance(ctx.module, nn.LogSoftmax),
+    )  # fmt: skip
+
+
+def softmax_check(node, module: nn.Module | None) -> str | None:
+    """A softmax without an explicit ``dim`` (torch's legacy implicit dim) has no integer form."""
+    if module is not None and getattr(module, "dim", 0) is None:
+        return "softmax without an explicit `dim` (give it dim=...)"
+    return None
+
+
+def _softmax_spellings(name: str, module_type: type) -> tuple[Spelling, ...]:
+    build = lambda dim: module_type(dim)  # noqa: E731
+    fn = getattr(F, name)
+    return (
+        Spelling(fn, ("dim", "_stacklevel", "dtype"), {"dim": None, "_stacklevel": 3, "dtype": None},
+                 build=build, fixed={"dtype": None}, ignored=("inplace", "_stacklevel")),
+        Spelling(getattr(torch, name), ("dim", "dtype"), {"dtype": None}, build=build, fixed={"dtype": None}),
+        Spelling(name, ("dim", "dtype"), {"dtype": None}, build=build, fixed={"dtype": None}),
+    )  # fmt: skip
+
+
+register_op(OpSpec(
+    "softmax", OpKind.REQUANTIZE,
+    "exp table indexed by max - q (2^-22 units), exact int64 row sum, one rounded division per "
+    "output (the attention softmax's division, no mask); int16 input recommended on marches that have it",
+    modules=(nn.Softmax,), spellings=_softmax_spellings("softmax", nn.Softmax), qat=qn.Softmax,
+    integer=build_softmax, check=softmax_check,
+    error="<= 1 step from the fake-quant op (tested to rows of 256); before rounding within "
+    "2^-23 (1 + L p) / s_out of the exact value",
+    reference="tests/reference/norm_ref.py::ref_softmax",
+))  # fmt: skip
+register_op(OpSpec(
+    "log_softmax", OpKind.REQUANTIZE,
+    "exp table and exact int64 sum as softmax; ln(sum) = k ln 2 + a 2^16-entry table of the "
+    "truncated mantissa; (q - max) s_in / s_out minus it, one multiplier/shift",
+    modules=(nn.LogSoftmax,), spellings=_softmax_spellings("log_softmax", nn.LogSoftmax),
+    qat=qn.LogSoftmax, integer=build_softmax, check=softmax_check,
+    error="<= 1 step from the fake-quant op", reference="tests/reference/norm_ref.py::ref_log_softmax",
+))  # fmt: skip
