@@ -146,7 +146,7 @@ def output_steps(converted):
     (out,) = [n for n in converted.graph.nodes if n.op == "output"]
     nodes = torch.fx.node.map_aggregate(out.args[0], lambda n: n)
     nodes = nodes if isinstance(nodes, (tuple, list)) else (nodes,)
-    modules = [converted.get_submodule(str(n.target)) for n in nodes]
+    modules = [converted.get_submodule(str(n.target)) if n.op == "call_module" else None for n in nodes]
     return [m.scale if isinstance(m, nnq.DeQuantize) else None for m in modules]
 
 
