@@ -412,3 +412,28 @@ def test_softmax_gradients_are_the_float_ones_through_the_output_fake_quant(log)
     x_ref = x.detach().clone().requires_grad_(True)
     (true_grad,) = torch.autograd.grad((float_module(x_ref) * weights).sum(), x_ref)
     assert torch.allclose(grad, true_grad, atol=1e-6)
+
+
+def test_bernoulli_refuses_the_table_ops_all_at_once_and_keeps_bn_and_clamp():
+    from hq_lightning.march import march_context
+    from hq_lightning.quantization.fx.prepare import UnsupportedOperationError
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.quant, self.dequant = QuantStub(), DeQuantStub()
+            self.ln, self.bn = nn.LayerNorm(4), nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            x = self.bn(self.quant(x)).clamp(-1.0, 1.0)
+            return self.dequant(
+                torch.cat([F.silu(x), self.ln(x), x.softmax(-1), torch.exp(x)], dim=1)
+            )
+
+    with march_context("bernoulli"), pytest.raises(UnsupportedOperationError) as error:
+        prepare_qat_fx(Net(), {"": QC8}, allow_float_islands=False)
+    text = str(error.value)
+    assert "4 cannot" in text and "bernoulli" in text
+    for name in ("SiLU", "LayerNorm", "Softmax", "Exp"):
+        assert f"normalization.{name}" in text or f"elementwise.{name}" in text, name
+    assert "BatchNorm" not in text and "Clamp" not in text

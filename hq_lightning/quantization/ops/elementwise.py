@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hq_lightning.march import March
 from hq_lightning.nn import elementwise as fm
 from hq_lightning.nn.qat import elementwise as qe
 from hq_lightning.nn.quantized.clamp import QuantizedClamp
@@ -41,6 +42,8 @@ TABLE_ERROR = (
 )
 TABLE_REFERENCE = "tests/reference/table_ref.py::ref_table, ref_segmented"
 TABLE_SUMMARY = "int8 input: 256-entry table; int16 input: segmented table, integer interpolation"
+#: Marches with table lookups (the BERNOULLI family has few: those ops run as float islands there).
+TABLE_MARCHES = frozenset({March.BAYES, March.BAYES_E, March.NASH})
 
 
 def build_lookup(ctx: ConvertContext) -> nn.Module:
@@ -99,7 +102,7 @@ def _table_op(
 ) -> None:
     register_op(OpSpec(
         name, OpKind.REQUANTIZE, summary, modules=modules, spellings=spellings, qat=qat,
-        integer=build_lookup, error=TABLE_ERROR, reference=TABLE_REFERENCE, **kw,
+        integer=build_lookup, error=TABLE_ERROR, reference=TABLE_REFERENCE, marches=TABLE_MARCHES, **kw,
     ))  # fmt: skip
 
 
@@ -190,7 +193,7 @@ register_op(OpSpec(
                  dynamic=_DIV, tensors=_DIV),
         Spelling("true_divide", _DIV, dynamic=_DIV, tensors=_DIV),
     ),
-    qat=qe.Div, integer=build_div,
+    qat=qe.Div, integer=build_div, marches=TABLE_MARCHES,
     error="int8: reciprocal bit-exact, product <= 1 step from the fake-quant op; int16 divisor: "
     "<= 1 step on the reciprocal as well",
     reference="tests/reference/table_ref.py::ref_div",

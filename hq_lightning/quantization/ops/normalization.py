@@ -1,4 +1,5 @@
-"""Registry entries: standalone BatchNorm, LayerNorm, GroupNorm, InstanceNorm, softmax, log_softmax (docs/integer-arithmetic.md,
+"""Registry entries: standalone BatchNorm, LayerNorm, GroupNorm, InstanceNorm, softmax, log_softmax
+(docs/integer-arithmetic.md,
 section 11).
 
 In QAT the float module runs, then the output fake quant (:mod:`hq_lightning.nn.qat.normalization`);
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hq_lightning.march import March
 from hq_lightning.nn.qat import normalization as qn
 from hq_lightning.nn.quantized.normalization import (
     QuantizedBatchNorm,
@@ -43,6 +45,8 @@ __all__ = [
     "softmax_check",
 ]
 
+#: Marches with the rsqrt / exp / log tables (the BERNOULLI family: float islands there).
+_TABLE_MARCHES = frozenset({March.BAYES, March.BAYES_E, March.NASH})
 _NORM_ERROR = "<= 1 step from the fake-quant op (exact int64 statistics, rsqrt rel. error < 1.5e-7)"
 _NORM_REF = "tests/reference/norm_ref.py::ref_normalize"
 
@@ -111,6 +115,7 @@ register_op(OpSpec(
         build=lambda normalized_shape, eps: nn.LayerNorm(normalized_shape, eps, elementwise_affine=False),
     ),),
     qat=qn.LayerNorm, integer=build_layer_norm, error=_NORM_ERROR, reference=_NORM_REF,
+        marches=_TABLE_MARCHES,
 ))  # fmt: skip
 register_op(OpSpec(
     "group_norm", OpKind.REQUANTIZE, _NORM_SUMMARY,
@@ -121,6 +126,7 @@ register_op(OpSpec(
         build=lambda num_groups, eps: nn.GroupNorm(num_groups, num_groups, eps, affine=False),
     ),),
     qat=qn.GroupNorm, integer=build_group_norm, error=_NORM_ERROR, reference=_NORM_REF,
+        marches=_TABLE_MARCHES,
 ))  # fmt: skip
 for _dims, _float, _qat in (
     (1, nn.InstanceNorm1d, qn.InstanceNorm1d), (2, nn.InstanceNorm2d, qn.InstanceNorm2d),
@@ -131,6 +137,7 @@ for _dims, _float, _qat in (
         _NORM_SUMMARY.replace("exact int64", "per (sample, channel): exact int64")
         + "; with track_running_stats: the per-channel affine of batch_norm",
         modules=(_float,), qat=_qat, integer=build_instance_norm, error=_NORM_ERROR, reference=_NORM_REF,
+        marches=_TABLE_MARCHES,
     ))  # fmt: skip
 
 
@@ -166,7 +173,7 @@ register_op(OpSpec(
     "exp table indexed by max - q (2^-22 units), exact int64 row sum, one rounded division per "
     "output (the attention softmax's division, no mask); int16 input recommended on marches that have it",
     modules=(nn.Softmax,), spellings=_softmax_spellings("softmax", nn.Softmax), qat=qn.Softmax,
-    integer=build_softmax, check=softmax_check,
+    integer=build_softmax, check=softmax_check, marches=_TABLE_MARCHES,
     error="<= 1 step from the fake-quant op (tested to rows of 256); before rounding within "
     "2^-23 (1 + L p) / s_out of the exact value",
     reference="tests/reference/norm_ref.py::ref_softmax",
@@ -176,6 +183,6 @@ register_op(OpSpec(
     "exp table and exact int64 sum as softmax; ln(sum) = k ln 2 + a 2^16-entry table of the "
     "truncated mantissa; (q - max) s_in / s_out minus it, one multiplier/shift",
     modules=(nn.LogSoftmax,), spellings=_softmax_spellings("log_softmax", nn.LogSoftmax),
-    qat=qn.LogSoftmax, integer=build_softmax, check=softmax_check,
+    qat=qn.LogSoftmax, integer=build_softmax, check=softmax_check, marches=_TABLE_MARCHES,
     error="<= 1 step from the fake-quant op", reference="tests/reference/norm_ref.py::ref_log_softmax",
 ))  # fmt: skip
