@@ -5,8 +5,8 @@ VALIDATION (>= 99 % of outputs within one output step).
 
 Inputs are the smallest each model takes: 32x32 (ViT-B/16 built with ``image_size=32``: 2x2
 patches + the class token; Swin-T pads its 8x8 patch grid to its 7x7 windows, so 32 works too).
-A model that still needs an op another part of issue 10/11 adds is a strict xfail naming it,
-so the test flips to a failure (remove the mark) the day that op lands.
+A model that still needs an op is a strict xfail naming it, so the test flips to a failure
+(remove the mark) the day that op lands; none does today.
 """
 
 from __future__ import annotations
@@ -29,21 +29,21 @@ from hq_lightning.quantization import (
 )
 from hq_lightning.quantization.fx.integer_validation import fake_quant_path
 from hq_lightning.quantization.fx.islands import float_islands
+from hq_lightning.quantization.ops import lookup_module
 from hq_lightning.quantization.qconfig import default_qat_8bit_fake_quant_qconfig
 
 torchvision = pytest.importorskip("torchvision")
 
 pytestmark = pytest.mark.slow
 
-_UNWRAP = "needs torchvision's fx-wrapped {} traced through (graph coverage, issue 11)"
 MODELS = {
     "mobilenet_v3_small": ({}, None),
-    "efficientnet_b0": ({}, _UNWRAP.format("stochastic_depth")),
+    "efficientnet_b0": ({}, None),
     "regnet_y_400mf": ({}, None),
     "densenet121": ({}, None),
-    "convnext_tiny": ({}, _UNWRAP.format("stochastic_depth")),
+    "convnext_tiny": ({}, None),
     "vit_b_16": ({"image_size": 32}, None),
-    "swin_t": ({}, _UNWRAP.format("stochastic_depth and _patch_merging_pad")),
+    "swin_t": ({}, None),
 }
 
 
@@ -120,8 +120,9 @@ def _assert_integer_between_stubs(converted: nn.Module) -> None:
         kind = type(module).__module__
         if kind.startswith("hq_lightning.nn.quantized") or kind.startswith("hq_lightning.quantization.stubs"):
             continue
-        if isinstance(module, (nn.Identity, nn.Dropout, nn.ReLU, nn.Flatten, nn.MaxPool2d)):
-            continue
+        spec = lookup_module(module)
+        if spec is not None and spec.preserves_scale(module) and spec.integer is None:
+            continue  # moves or selects integer codes as it is (Identity, ReLU, StochasticDepth...)
         if kind.startswith("torchvision.ops.misc") and type(module).__name__ == "Permute":
             continue
         floating.append(f"{node.target}: {type(module).__name__}")

@@ -10,6 +10,9 @@ Example:
     True
 """
 
+import importlib
+
+from hq_lightning.quantization.ops.docs import render_operator_table
 from hq_lightning.quantization.ops.registry import (
     ALL_MARCHES,
     Builder,
@@ -25,22 +28,17 @@ from hq_lightning.quantization.ops.registry import (
     register_op,
 )
 
-# the built-in families register themselves on import, in this order
-from hq_lightning.quantization.ops import stubs as _stubs  # noqa: E402,F401,I001
-from hq_lightning.quantization.ops import weighted as _weighted  # noqa: E402,F401
-from hq_lightning.quantization.ops import pooling as _pooling  # noqa: E402,F401
-from hq_lightning.quantization.ops import resize as _resize  # noqa: E402,F401
-from hq_lightning.quantization.ops import shape as _shape  # noqa: E402,F401
-from hq_lightning.quantization.ops import activation as _activation  # noqa: E402,F401
-from hq_lightning.quantization.ops import arithmetic as _arithmetic  # noqa: E402,F401
-from hq_lightning.quantization.ops import elementwise as _elementwise  # noqa: E402,F401
-from hq_lightning.quantization.ops import normalization as _normalization  # noqa: E402,F401
-from hq_lightning.quantization.ops import constants as _constants  # noqa: E402,F401
-from hq_lightning.quantization.ops import attention as _attention  # noqa: E402,F401
-from hq_lightning.quantization.ops.docs import render_operator_table  # noqa: E402
+#: The built-in families, imported (so registered) in this order: the order of docs/operators.md.
+FAMILIES = (
+    "stubs", "weighted", "pooling", "resize", "shape", "activation", "arithmetic",
+    "elementwise", "normalization", "constants", "attention", "vision",
+)  # fmt: skip
+for _family in FAMILIES:
+    importlib.import_module(f"{__name__}.{_family}")
 
 __all__ = [
     "ALL_MARCHES",
+    "FAMILIES",
     "Builder",
     "OpKind",
     "OpSpec",
