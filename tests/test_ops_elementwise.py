@@ -412,3 +412,28 @@ def test_division_spellings_of_two_activations_convert_to_reciprocal_table_and_p
     assert sum(isinstance(m, QuantizedDiv) for m in converted.modules()) == 3
     out = converted(x, y)
     assert torch.allclose(out[:64], x / y, atol=0.1) and torch.equal(out[:64], out[64:128])
+
+
+def test_table_ops_outside_the_quantized_region_stay_float():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.quant, self.dequant = QuantStub(), DeQuantStub()
+            self.head = nn.Sigmoid()
+
+        def forward(self, x):
+            x = self.quant(torch.tanh(x))  # pre-processing in float
+            x = F.silu(x)
+            return self.head(self.dequant(x)).exp()  # post-processing in float
+
+    model = prepare_qat_fx(Net(), {"": QC8})
+    kinds = {name: type(m) for name, m in model.named_modules()}
+    assert kinds["head"] is nn.Sigmoid and kinds["_generated_tanh_0"] is nn.Tanh
+    assert kinds["_generated_exp_0"] is fm.Exp and kinds["_generated_silu_0"] is qe.SiLU
+    model.train()
+    model(torch.randn(8, 4))
+    converted = convert_fx(model.eval())
+    assert isinstance(converted._generated_silu_0, QuantizedLookup)
+    assert type(converted.head) is nn.Sigmoid
+    x = torch.randn(3, 4)
+    assert converted(x).dtype == torch.float32 and (converted(x) > 1).all()

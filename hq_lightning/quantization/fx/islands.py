@@ -442,7 +442,25 @@ class _Pass:
             if node in self.state or node.op in ("placeholder", "get_attr", "output"):
                 continue
             self._visit(node)
+        self._float_region_ops_to_float()
         return self._islands()
+
+    def _after_user_dequant(self, node: fx.Node, floating: list[fx.Node]) -> bool:
+        """An op without weights reading only the model's own dequantized values: float model."""
+        if node.op != "call_module" or not all(self.state[a] == _D for a in floating):
+            return False
+        spec = ops.lookup_module(self.modules[str(node.target)])
+        return spec is not None and spec.kind is OpKind.REQUANTIZE
+
+    def _float_region_ops_to_float(self) -> None:
+        """A prepared op without weights outside the quantized region (``torch.tanh`` before the
+        QuantStub, ``sigmoid`` after the DeQuantStub) is part of the float model: back to float."""
+        for node in self.graph.nodes:
+            if node.op != "call_module" or self.state.get(node) not in (None, _D):
+                continue
+            spec = ops.lookup_module(self.modules.get(str(node.target)))
+            if spec is not None and spec.kind is OpKind.REQUANTIZE:
+                self._to_float(node)
 
     def _visit(self, node: fx.Node) -> None:
         inputs = node.all_input_nodes
@@ -457,7 +475,7 @@ class _Pass:
         if not quantized and not floating:
             return
         if not quantized:  # float values of an island only
-            if self.classifier.needs_quantized(node):
+            if self.classifier.needs_quantized(node) and not self._after_user_dequant(node, floating):
                 self._reenter(node, floating)
                 self.state[node] = _Q
             elif self._tensor_op(node):
