@@ -94,7 +94,8 @@ def float_model(source: str, name: str, num_classes: int) -> torch.nn.Module:
     return getattr(models, name)(num_classes=num_classes)
 
 
-def build(model: torch.nn.Module, variant: str, example: torch.Tensor, device: str) -> torch.nn.Module:
+def build(model: torch.nn.Module, variant: str, example: torch.Tensor, device: str,
+          backend: str = "inductor") -> torch.nn.Module:
     base = variant.removesuffix(" compiled")
     model = copy.deepcopy(model).train()
     if base.startswith("hq fuse_bn"):
@@ -118,7 +119,7 @@ def build(model: torch.nn.Module, variant: str, example: torch.Tensor, device: s
         raise ValueError(f"Expected a variant among {VARIANTS + COMPILED + BREAKDOWN}, but got {variant!r}.")
     model = model.to(device).train()
     if variant.endswith(" compiled"):
-        model = torch.compile(model)
+        model = torch.compile(model, backend=backend)
     return model
 
 
@@ -151,7 +152,7 @@ def measure_variants(model_name, variants, size, batch, args) -> dict[str, tuple
     x, target = inputs(batch, size, args.num_classes, args.device)
     torch.manual_seed(0)
     model = float_model(args.source, model_name, args.num_classes)
-    steps = {v: make_step(build(model, v, x.cpu(), args.device), args.device) for v in variants}
+    steps = {v: make_step(build(model, v, x.cpu(), args.device, args.compile_backend), args.device) for v in variants}
     for _ in range(args.warmup):
         for step in steps.values():
             step(x, target)
@@ -284,6 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", default="resnet18,mobilenet_v2")
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"comma-separated, among {VARIANTS + COMPILED + BREAKDOWN}")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled variants")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--out", default=None, help="markdown file to write (default: print only)")
     args = parser.parse_args(argv)
