@@ -61,7 +61,7 @@ def fake_quant_rows(device: str, batch: int, size: int, repeats: int, backend: s
         leaf = tensor.clone().requires_grad_(True)
         grad = torch.ones_like(tensor)
 
-        def quant(x):
+        def quant(x, scale=scale, axis=axis):
             return fake_quantize(x, scale, "qint8", axis)
 
         def copy(x):
@@ -71,7 +71,7 @@ def fake_quant_rows(device: str, batch: int, size: int, repeats: int, backend: s
             fq, cp = (quant, copy) if mode == "eager" else (
                 torch.compile(quant, backend=backend), torch.compile(copy, backend=backend))
 
-            def run(function):
+            def run(function, leaf=leaf, grad=grad):
                 def step():
                     leaf.grad = None
                     function(leaf * 1.0).backward(grad)  # a non-leaf input, as an activation is
@@ -101,8 +101,8 @@ def converted_rows(device: str, batch: int, size: int, repeats: int, models: lis
         model = model.to(device)
         xd = x.to(device)
         with torch.no_grad():
-            t_float = _timed(lambda: model(xd), device, repeats)
-            t_int = _timed(lambda: converted(xd), device, repeats)
+            t_float = _timed(lambda model=model, xd=xd: model(xd), device, repeats)
+            t_int = _timed(lambda converted=converted, xd=xd: converted(xd), device, repeats)
         rows.append(f"| {name} | {t_float * 1e3:.2f} | {t_int * 1e3:.2f} | {t_int / t_float:.2f} |")
     return rows
 
