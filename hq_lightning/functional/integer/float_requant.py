@@ -106,7 +106,8 @@ class FloatRequantFactors:
 
     def shaped(self, channel_axis: int, ndim: int) -> tuple[Tensor, Tensor, Tensor | None]:
         """``(multiplier, offset, addend_multiplier)`` shaped to broadcast over an ``ndim`` tensor."""
-        views = self._views.get((channel_axis, ndim))
+        tracing = torch.jit.is_tracing()  # a trace records the reshapes on every invocation
+        views = None if tracing else self._views.get((channel_axis, ndim))
         if views is None:
             addend = self.addend_multiplier
             views = (
@@ -114,7 +115,8 @@ class FloatRequantFactors:
                 channel_view(self.offset, channel_axis, ndim),
                 None if addend is None else channel_view(addend, channel_axis, ndim),
             )
-            self._views[(channel_axis, ndim)] = views
+            if not tracing:
+                self._views[(channel_axis, ndim)] = views
         return views
 
     def to(self, device: torch.device) -> FloatRequantFactors:
