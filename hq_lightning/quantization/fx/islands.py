@@ -454,13 +454,34 @@ class _Pass:
 
     def _float_region_ops_to_float(self) -> None:
         """A prepared op without weights outside the quantized region (``torch.tanh`` before the
-        QuantStub, ``sigmoid`` after the DeQuantStub) is part of the float model: back to float."""
+        QuantStub, ``sigmoid`` after the DeQuantStub) is part of the float model: back to float.
+        One feeding a quantized op (a constant operand, maybe through shape ops) belongs to the
+        quantized region."""
         for node in self.graph.nodes:
             if node.op != "call_module" or self.state.get(node) not in (None, _D):
                 continue
             spec = ops.lookup_module(self.modules.get(str(node.target)))
-            if spec is not None and spec.kind is OpKind.REQUANTIZE:
+            if spec is None or spec.kind is not OpKind.REQUANTIZE:
+                continue
+            if not self._feeds_quantized_op(node):
                 self._to_float(node)
+
+    def _feeds_quantized_op(self, node: fx.Node) -> bool:
+        """Whether ``node``'s value reaches an op of the quantized region (not a QuantStub) through
+        ops outside any region."""
+        stack, seen = list(node.users), set()
+        while stack:
+            user = stack.pop()
+            if user in seen:
+                continue
+            seen.add(user)
+            state = self.state.get(user)
+            if state == _Q:
+                if not (user.op == "call_module" and qat_mapping.is_quant(self.modules[str(user.target)])):
+                    return True
+            elif state is None:
+                stack.extend(user.users)
+        return False
 
     def _visit(self, node: fx.Node) -> None:
         inputs = node.all_input_nodes
