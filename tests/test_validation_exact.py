@@ -309,3 +309,26 @@ def test_functional_relu_model_in_graph():
 
     prepared = calibrated(Net(), [torch.randn(4, 3, 8, 8)])
     _assert_exact(prepared, torch.randn(2, 3, 8, 8))
+
+
+@pytest.mark.slow
+def test_compiled_model_validates_as_its_converted_model():
+    # Module.compile (what QuantizationCallback(compile=...) does): the VALIDATION check and the
+    # integer model run eagerly at a graph break; QAT stays compiled
+    prepared = _small()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = convert_fx(prepared)(x)
+    prepared.compile(backend="eager")
+    with torch.no_grad():
+        assert torch.equal(prepared(x), expected)
+    prepared.train()
+    set_fake_quantize(prepared, FakeQuantState.QAT)
+    prepared(x).sum().backward()
+    prepared.eval()
+    set_fake_quantize(prepared, FakeQuantState.VALIDATION)
+    with torch.no_grad():
+        assert torch.equal(prepared(x), convert_fx(prepared)(x))
+    converted = torch.compile(convert_fx(prepared), backend="eager", fullgraph=True)  # no break
+    with torch.no_grad():
+        assert torch.equal(converted(x), prepared(x))

@@ -43,6 +43,7 @@ import importlib
 import types
 from typing import Any
 
+import torch
 from torch import fx, nn
 from torch.fx.node import _get_qualified_name
 
@@ -132,7 +133,10 @@ class QuantGraphModule(fx.GraphModule):
         cls = type(self)
         generated = cls.__dict__.get("forward")
         if generated is not None and not hasattr(generated, "_hq_generated"):
-            cls.forward = _validating_forward(generated)
+            from hq_lightning.quantization.fake_quantize import FakeQuantize
+
+            has_fake_quant = any(isinstance(m, FakeQuantize) for m in self.modules())
+            cls.forward = _validating_forward(generated, has_fake_quant)
         return code
 
     def __str__(self) -> str:
@@ -163,18 +167,41 @@ def _validation_forward(model, generated, args, kwargs):
     return validation_forward(model, generated, args, kwargs)
 
 
+def _compiled_validation(model, args, kwargs):
+    from hq_lightning.quantization.fx.integer_validation import compiled_validation_output
+
+    return compiled_validation_output(model, args, kwargs)
+
+
+def _dynamo_compiling() -> bool:
+    return torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+
+
+# Globals of the template (names resolved in the generated code's namespace, see below):
+# _hq_generated_forward, _hq_validation_forward, _hq_compiled_validation, _hq_dynamo_compiling,
+# _hq_has_fake_quant (the module had FakeQuantize children when its code was generated).
 def _forward_template(self, *args, **kwargs):
     if self.training:  # QAT and training-mode calibration: the generated code, no overhead
         return _hq_generated_forward(self, *args, **kwargs)  # noqa: F821 - a global of the code
+    if _hq_has_fake_quant and _hq_dynamo_compiling():  # noqa: F821
+        # torch.compile: the VALIDATION check and the integer model run eagerly (a graph break);
+        # any other state continues in the compiled generated code
+        out = _hq_compiled_validation(self, args, kwargs)  # noqa: F821
+        if out is not None:
+            return out
+        return _hq_generated_forward(self, *args, **kwargs)  # noqa: F821
     return _hq_validation_forward(self, _hq_generated_forward, args, kwargs)  # noqa: F821
 
 
-def _validating_forward(generated):
+def _validating_forward(generated, has_fake_quant: bool):
     # The wrapper runs in the generated code's own globals (a private copy per compiled forward),
     # so a tracer that patches `wrap`ped functions in the forward's globals still reaches them.
     namespace = generated.__globals__
     namespace["_hq_generated_forward"] = generated
     namespace["_hq_validation_forward"] = _validation_forward
+    namespace["_hq_compiled_validation"] = _compiled_validation
+    namespace["_hq_dynamo_compiling"] = _dynamo_compiling
+    namespace["_hq_has_fake_quant"] = has_fake_quant
     forward = types.FunctionType(_forward_template.__code__, namespace, "forward")
     functools.update_wrapper(forward, generated)
     forward._hq_generated = generated

@@ -21,6 +21,10 @@ changed (its identity, storage or in-place version) or after any ``set_fake_quan
 - Autocast: the integer model runs with autocast disabled (its exact float32 convolutions must
   not be lowered to bf16/fp16); floating outputs are then cast to the autocast dtype, as the
   fake-quant path's last autocast op returns them.
+- ``torch.compile`` (``Module.compile``, the callback's ``compile=``): a compiled prepared model in
+  eval mode checks and runs the integer model eagerly at a graph break; other states continue in
+  the compiled code (QAT in train mode never reaches the check). With autograd recording a
+  compiled model validates with the fake-quant path.
 - If ``convert_fx`` rejects the model (an op on integer tensors with no integer builder), a
   warning names the problem once and VALIDATION keeps the fake-quant path.
 
@@ -62,6 +66,7 @@ from hq_lightning.quantization.fake_quantize import FakeQuantize
 __all__ = [
     "CACHE_ATTR",
     "IntegerModelCache",
+    "compiled_validation_output",
     "fake_quant_path",
     "integer_model",
     "invalidate_integer_models",
@@ -321,6 +326,20 @@ def _run_integer(integer: nn.Module, args: tuple, kwargs: dict, recast: bool = T
 
         out = tree_map(recast_leaf, out)
     return out
+
+
+@torch.compiler.disable
+def compiled_validation_output(model: fx.GraphModule, args: tuple, kwargs: dict) -> Any:
+    """Under ``torch.compile``: the integer model's output, or ``None`` to run the compiled code.
+
+    Runs eagerly (a graph break in the compiled forward), so the VALIDATION check, the cache and
+    the integer model behave as without compile. With autograd recording it returns ``None``: a
+    compiled model validated with gradients runs the fake-quant path.
+    """
+    integer = integer_model(model)
+    if integer is None or _records_autograd(model, args, kwargs):
+        return None
+    return _run_integer(integer, args, kwargs)
 
 
 def _merge(reference: Any, exact: Any) -> Any:
