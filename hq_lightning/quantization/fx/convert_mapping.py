@@ -11,7 +11,8 @@ as it is (ReLU, MaxPool3d, Identity, reshape...).
 Example:
     >>> import torch
     >>> from hq_lightning.nn import qat
-    >>> module_builder(qat.Conv2d(1, 1, 1)).__name__
+    >>> from hq_lightning.quantization.qconfig import default_qat_8bit_fake_quant_qconfig as qc
+    >>> module_builder(qat.Conv2d(1, 1, 1, qconfig=qc)).__name__
     'build_weighted'
     >>> is_scale_preserving_module(torch.nn.MaxPool2d(2)), module_builder(torch.nn.ReLU())
     (True, None)
