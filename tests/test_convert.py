@@ -579,3 +579,12 @@ def test_per_channel_int32_output_may_not_be_reshaped():
     _calibrate(prepared, torch.randn(2, 2, 3, 3))
     with pytest.raises(RuntimeError, match="Expected the input of `flatten` to have a per-tensor scale"):
         convert_fx(prepared)
+
+
+def test_converted_model_is_in_eval_mode_throughout():
+    prepared = prepare_qat_fx(MaxPool1dNet(), {"": QC})
+    prepared.train()
+    _calibrate(prepared, torch.randn(2, 3, 4))
+    prepared.train()
+    converted = convert_fx(prepared)
+    assert not any(m.training for m in converted.modules())

@@ -483,4 +483,5 @@ def convert_fx(model: fx.GraphModule) -> fx.GraphModule:
         _replace_modules(converted, env)
     converted.graph.lint()
     converted.recompile()
+    converted.eval()  # the integer modules built above start in train mode
     return converted
