@@ -70,7 +70,8 @@ def bilinear_accumulate(
     """
     if x.dim() != 4:
         raise ValueError(f"Expected `x` to be 4-D (N, C, H, W), but got {x.dim()}-D.")
-    height, width = x.shape[-2], x.shape[-1]
+    height, width = int(x.shape[-2]), int(x.shape[-1])  # plain ints under torch.jit.trace too
+    size = (int(size[0]), int(size[1]))
     sy, sx = scale_factors if scale_factors is not None else (None, None)
     taps_y = bilinear_taps(height, size[0], align_corners, fraction_bits, sy)
     taps_x = bilinear_taps(width, size[1], align_corners, fraction_bits, sx)

@@ -123,7 +123,7 @@ class QuantizedInterpolate(nn.Module):
                 "Expected `size` at run time (this QuantizedInterpolate was built without a size "
                 "or a scale factor), but got None."
             )
-        return tuple(math.floor(x.shape[2 + d] * factors[d]) for d in range(dims))
+        return tuple(math.floor(int(x.shape[2 + d]) * factors[d]) for d in range(dims))
 
     def forward(self, x: Tensor, size=None) -> Tensor:
         out_size = self._out_size(x, size)
