@@ -33,6 +33,7 @@ from hq_lightning.quantization.ops import (
     lookup_spelling,
     register_op,
     render_operator_table,
+    unregister_op,
 )
 from hq_lightning.quantization.qconfig import default_qat_8bit_fake_quant_qconfig as QC
 
@@ -140,18 +141,22 @@ def test_one_entry_adds_an_op_end_to_end():
         def forward(self, x):
             return self.dequant(self.halve(self.quant(x)))
 
-    prepared = prepare_qat_fx(Net(), {"": QC})
-    assert isinstance(prepared.halve, _QATHalve)
-    prepared.eval()
-    set_fake_quantize(prepared, FakeQuantState.CALIBRATION)
-    x = torch.randn(4, 8)
-    prepared(x)
-    set_fake_quantize(prepared, FakeQuantState.VALIDATION)
-    converted = convert_fx(prepared)
-    assert isinstance(converted.halve, _IntHalve)
-    s_out = prepared.halve.activation_post_process.scale
-    assert (converted(x) - prepared(x)).abs().max() <= s_out + 1e-6
-    assert qat_mapping.qat_class_for(_Halve()) is _QATHalve
+    try:
+        prepared = prepare_qat_fx(Net(), {"": QC})
+        assert isinstance(prepared.halve, _QATHalve)
+        prepared.eval()
+        set_fake_quantize(prepared, FakeQuantState.CALIBRATION)
+        x = torch.randn(4, 8)
+        prepared(x)
+        set_fake_quantize(prepared, FakeQuantState.VALIDATION)
+        converted = convert_fx(prepared)
+        assert isinstance(converted.halve, _IntHalve)
+        s_out = prepared.halve.activation_post_process.scale
+        assert (converted(x) - prepared(x)).abs().max() <= s_out + 1e-6
+        assert qat_mapping.qat_class_for(_Halve()) is _QATHalve
+    finally:
+        unregister_op("test_halve")
+    assert lookup_module(_Halve()) is None and qat_mapping.qat_class_for(_Halve()) is None
 
 
 def test_generated_modules_come_from_registry_spellings():

@@ -53,6 +53,7 @@ from hq_lightning.nn import qat
 from hq_lightning.quantization.fx import islands as islands_pass
 from hq_lightning.quantization.fx import qat_mapping
 from hq_lightning.quantization.fx.input_fake_quant import link_input_fake_quants
+from hq_lightning.quantization.fx.precision import OP_PRECISIONS, apply_input_precision
 from hq_lightning.quantization.fx.qconfig_tree import (
     check_module_names,
     parse_qconfig_dict,
@@ -81,6 +82,7 @@ def prepare_qat_fx(
     qat_mode: str = "fuse_bn",
     bias_fake_quant: bool | None = None,
     allow_float_islands: bool = True,
+    op_precision: str = "auto",
 ) -> fx.GraphModule:
     """Fuse ``model`` and replace its modules by fake-quant ``hq_lightning.nn.qat`` modules.
 
@@ -106,6 +108,10 @@ def prepare_qat_fx(
             quantize out; :func:`~hq_lightning.quantization.float_islands` lists them and a
             ``FloatIslandWarning`` reports them). ``False``: the whole quantized region must run
             on integers; any island raises :class:`UnsupportedOperationError`.
+        op_precision: ``"auto"`` (default): an op whose registry entry asks for a wider input
+            (softmax: ``qint16``) gets it from the fake quant that produces that input, on
+            marches with int16 (:mod:`~hq_lightning.quantization.fx.precision`);
+            ``"qconfig"``: exactly the qconfigs' dtypes.
 
     Returns:
         the prepared GraphModule, in the same train/eval mode as ``model``.
@@ -119,6 +125,10 @@ def prepare_qat_fx(
     del example_inputs  # symbolic tracing needs no inputs
     if qat_mode not in QAT_MODES:
         raise ValueError(f"Expected `qat_mode` to be one of {QAT_MODES}, but got {qat_mode!r}.")
+    if op_precision not in OP_PRECISIONS:
+        raise ValueError(
+            f"Expected `op_precision` to be one of {OP_PRECISIONS}, but got {op_precision!r}."
+        )
     if not isinstance(model, nn.Module):
         raise TypeError(f"Expected `model` to be an nn.Module, but got {type(model).__name__}.")
     if not isinstance(allow_float_islands, bool):
@@ -168,6 +178,8 @@ def prepare_qat_fx(
     for module in fused.modules():
         if isinstance(module, qat.FusedWeightedMixin):
             module.bias_fake_quant = bias_fake_quant
+    if op_precision == "auto":
+        apply_input_precision(fused)  # e.g. softmax's input int16 where the march has it
     link_input_fake_quants(fused)
     return fused
 

@@ -26,6 +26,7 @@ from hq_lightning.quantization.ops.registry import (
     lookup_module,
     lookup_spelling,
     register_op,
+    unregister_op,
 )
 
 #: The built-in families, imported (so registered) in this order: the order of docs/operators.md.
@@ -51,4 +52,5 @@ __all__ = [
     "lookup_spelling",
     "register_op",
     "render_operator_table",
+    "unregister_op",
 ]

@@ -70,7 +70,9 @@ def render_operator_table() -> str:
             spellings,
             _KIND_TEXT[spec.kind],
             _marches(spec),
-            ", ".join(spec.dtypes),
+            ", ".join(spec.dtypes) + (
+                f"; input {spec.input_dtype} by default where the march has it" if spec.input_dtype else ""
+            ),
             spec.summary,
             spec.error,
             f"`{spec.reference}`" if spec.reference.startswith("tests/") else (spec.reference or "-"),

@@ -171,9 +171,9 @@ def _softmax_spellings(name: str, module_type: type) -> tuple[Spelling, ...]:
 register_op(OpSpec(
     "softmax", OpKind.REQUANTIZE,
     "exp table indexed by max - q (2^-22 units), exact int64 row sum, one rounded division per "
-    "output (the attention softmax's division, no mask); int16 input recommended on marches that have it",
+    "output (the attention softmax's division, no mask)",
     modules=(nn.Softmax,), spellings=_softmax_spellings("softmax", nn.Softmax), qat=qn.Softmax,
-    integer=build_softmax, check=softmax_check, marches=_TABLE_MARCHES,
+    integer=build_softmax, check=softmax_check, marches=_TABLE_MARCHES, input_dtype="qint16",
     error="<= 1 step from the fake-quant op (tested to rows of 256); before rounding within "
     "2^-23 (1 + L p) / s_out of the exact value",
     reference="tests/reference/norm_ref.py::ref_softmax",
@@ -184,5 +184,6 @@ register_op(OpSpec(
     "truncated mantissa; (q - max) s_in / s_out minus it, one multiplier/shift",
     modules=(nn.LogSoftmax,), spellings=_softmax_spellings("log_softmax", nn.LogSoftmax),
     qat=qn.LogSoftmax, integer=build_softmax, check=softmax_check, marches=_TABLE_MARCHES,
+    input_dtype="qint16",
     error="<= 1 step from the fake-quant op", reference="tests/reference/norm_ref.py::ref_log_softmax",
 ))  # fmt: skip

@@ -59,6 +59,7 @@ __all__ = [
     "lookup_module",
     "lookup_spelling",
     "register_op",
+    "unregister_op",
 ]
 
 Builder = Callable[["ConvertContext"], nn.Module]
@@ -216,6 +217,9 @@ class OpSpec:
         error: error bound of the integer op: ``bit-exact`` (against its reference, and so
             against VALIDATION), or a bound in output steps against the float function.
         reference: the slow reference the integer op is tested against.
+        input_dtype: the dtype its input defaults to on marches with int16 (``"qint16"`` where
+            int8 is too coarse, e.g. softmax's input): ``prepare_qat_fx`` makes the producing
+            fake quant that dtype unless called with ``op_precision="qconfig"``.
         check: ``check(node, module) -> reason | None``: why one call (``module``: the called
             module, ``None`` for a function or method) cannot run on integers (``F.pad`` with a
             value other than 0, ``Upsample`` in ``bicubic`` mode), so it runs as a float island;
@@ -240,6 +244,7 @@ class OpSpec:
     dtypes: tuple[str, ...] = ("qint8", "qint16")
     error: str = "bit-exact"
     reference: str = ""
+    input_dtype: str | None = None
     check: Callable[[fx.Node, nn.Module | None], str | None] | None = None
 
     def preserves_scale(self, module: nn.Module | None = None) -> bool:
@@ -342,9 +347,25 @@ def register_op(spec: OpSpec, *, replace: bool = False) -> OpSpec:
         >>> _ = register_op(OpSpec("my_swap", OpKind.PRESERVE, "reorders elements", modules=(Swap,)))
         >>> lookup_module(Swap()).name
         'my_swap'
+        >>> unregister_op("my_swap")  # this example's op is gone again
     """
     _REGISTRY.add(spec, replace)
     return spec
+
+
+def unregister_op(name: str) -> None:
+    """Remove the op registered as ``name`` and every spelling it declared.
+
+    Raises:
+        KeyError: no op of that name.
+    """
+    if name not in _REGISTRY.ops:
+        raise KeyError(f"Expected a registered op name, but got {name!r}; known: {sorted(_REGISTRY.ops)}.")
+    specs = [spec for spec in _REGISTRY.ops.values() if spec.name != name]
+    fresh = _Registry()
+    for spec in specs:
+        fresh.add(spec, replace=False)
+    _REGISTRY.__dict__.update(fresh.__dict__)
 
 
 def all_ops() -> list[OpSpec]:
