@@ -211,3 +211,13 @@ def test_resume_from_continues_the_schedule(tmp_path):
         epochs = {row["epoch"] for row in csv.DictReader(handle) if row.get("epoch")}
     # epoch 0 came from the checkpoint; the final validate logs under the epoch counter (2)
     assert "1" in epochs and "0" not in epochs
+
+
+def test_strict_float_islands_option_reaches_the_callback(tmp_path):
+    from hq_lightning.app.build import build_quantization_callback
+
+    cfg = _compose(["+quant=qat", "quant.allow_float_islands=false"], tmp_path)
+    callback = build_quantization_callback(cfg, build_qconfig_trees(cfg.quant), str(tmp_path))
+    assert callback.allow_float_islands is False
+    default = _compose(["+quant=qat"], tmp_path)
+    assert build_quantization_callback(default, build_qconfig_trees(default.quant), None).allow_float_islands

@@ -494,3 +494,33 @@ def test_compiled_training_has_the_losses_of_eager(tmp_path):
 def test_compile_option_is_checked():
     with pytest.raises(TypeError, match="Expected `compile` to be a bool or a dict"):
         QuantizationCallback("model", compile="yes")
+
+
+class WithErf(nn.Module):
+    """A classifier with an op that has no integer form (erf) between its stubs."""
+
+    def __init__(self):
+        super().__init__()
+        self.quant, self.dequant = QuantStub(), DeQuantStub()
+        self.fc1, self.fc2 = nn.Linear(256, 32), nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.dequant(self.fc2(torch.erf(self.fc1(self.quant(x).flatten(1)))))
+
+
+def test_strict_mode_fails_at_setup_and_islands_run_by_default(tmp_path):
+    from hq_lightning.quantization.fx.prepare import UnsupportedOperationError
+
+    module = ClassificationModule(WithErf())
+    strict = QuantizationCallback(allow_float_islands=False)
+    trainer = make_trainer(tmp_path, [strict, FailOnTrainStep()], max_epochs=1)
+    with pytest.raises(UnsupportedOperationError, match="erf"):
+        trainer.fit(module, digits())  # FailOnTrainStep: nothing trained before the error
+    with pytest.raises(TypeError, match="`allow_float_islands` to be a bool"):
+        QuantizationCallback(allow_float_islands="no")
+
+    lenient = QuantizationCallback(calibration_batches=2, export=())
+    trainer = make_trainer(tmp_path, [lenient], max_epochs=1, limit_train_batches=2, limit_val_batches=2)
+    with pytest.warns(UserWarning, match="erf"):
+        trainer.fit(ClassificationModule(WithErf()), digits())
+    assert lenient.quantized_model is not None  # the island runs in float inside the integer model

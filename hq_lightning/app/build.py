@@ -122,6 +122,7 @@ def build_quantization_callback(
         freeze_observers_at_epoch=quant.freeze_observers_at_epoch,
         freeze_bn_at_epoch=quant.freeze_bn_at_epoch,
         qat_mode=quant.qat_mode,
+        allow_float_islands=bool(quant.get("allow_float_islands", True)),
         convert_at_end=bool(quant.convert_at_end),
         output_dir=output_dir,
         export=tuple(quant.export),

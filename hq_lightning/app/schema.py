@@ -148,6 +148,8 @@ class QuantConf:
     freeze_observers_at_epoch: Optional[int] = None
     freeze_bn_at_epoch: Optional[int] = None
     qat_mode: str = "with_bn"
+    # false: strict, every op between the stubs must run on integers (no float island)
+    allow_float_islands: bool = True
     convert_at_end: bool = True
     export: list[str] = field(default_factory=lambda: ["torchscript"])
     # per-layer similarity report + plots in <run dir>/report (docs/profiling.md)

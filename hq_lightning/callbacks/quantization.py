@@ -116,6 +116,10 @@ class QuantizationCallback(LayerReportMixin, Callback):
         freeze_observers_at_epoch: from this epoch on, QAT keeps its scales fixed.
         freeze_bn_at_epoch: from this epoch on, BN running statistics stop updating.
         qat_mode: passed to ``prepare_qat_fx``; ``"with_bn"`` is needed for float epochs.
+        allow_float_islands: passed to ``prepare_qat_fx``: ``True`` (default) runs ops with no
+            integer form in float between an inserted DeQuantStub and QuantStub (listed in a
+            warning and in the plan); ``False`` (strict, the whole submodule on the chip) fails at
+            setup, naming each such op, why, and what makes it integer.
         convert_at_end: convert, validate and export at the end of fit.
         output_dir: directory of the exported files (default ``<trainer.log_dir>/quantized``).
         export: any of ``"torchscript"``, ``"onnx"``: written by ``hq_lightning.deploy``'s
@@ -185,6 +189,7 @@ class QuantizationCallback(LayerReportMixin, Callback):
         auto_int16_max_layers: int = 3,
         auto_int16_sqnr_floor: float | None = None,
         compile: bool | Mapping[str, Any] = False,
+        allow_float_islands: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(submodule, str) or not submodule:
@@ -227,6 +232,9 @@ class QuantizationCallback(LayerReportMixin, Callback):
                 f"trains exactly like the float one in the float phase), but got {qat_mode!r}."
             )
         self.qat_mode = qat_mode
+        if not isinstance(allow_float_islands, bool):
+            raise TypeError(f"Expected `allow_float_islands` to be a bool, but got {allow_float_islands!r}.")
+        self.allow_float_islands = allow_float_islands
         self.convert_at_end = bool(convert_at_end)
         self.output_dir = output_dir
         export = (export,) if isinstance(export, str) else tuple(export or ())
@@ -397,11 +405,16 @@ class QuantizationCallback(LayerReportMixin, Callback):
 
     def _prepare(self, module: nn.Module, qconfig: Any) -> nn.Module:
         from hq_lightning.quantization import prepare_qat_fx
+        from hq_lightning.quantization.fx.prepare import UnsupportedOperationError
 
         context = march_context(self.march) if self.march is not None else contextlib.nullcontext()
         try:
             with context:
-                return prepare_qat_fx(module, qconfig, qat_mode=self.qat_mode)
+                return prepare_qat_fx(
+                    module, qconfig, qat_mode=self.qat_mode, allow_float_islands=self.allow_float_islands
+                )
+        except UnsupportedOperationError:
+            raise  # traced fine; each op is listed with why and its remedy (strict mode)
         except (ValueError, TypeError) as err:
             if not str(err).startswith("Expected"):
                 raise _not_traceable(self.submodule, module, err) from err
