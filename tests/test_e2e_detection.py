@@ -157,7 +157,7 @@ def test_resnet18_fpn_backbone_dict_output(tmp_path):
     from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
     model = Stubbed(resnet_fpn_backbone(backbone_name="resnet18", weights=None))
-    # FrozenBatchNorm2d is not folded (a constant mul and add after each conv, each requantized)
+    # FrozenBatchNorm2d folds into the convs; random-init one-step differences compound over depth
     _, converted = end_to_end(model, (torch.rand(8, 3, 64, 64),), set(), tmp_path, fake_quant_floor=0.9)
     out = converted(torch.rand(2, 3, 64, 64))
     assert list(out) == ["0", "1", "2", "3", "pool"] and out["0"].shape == (2, 256, 16, 16)

@@ -15,7 +15,7 @@ from torch.quantization import DeQuantStub
 
 from hq_lightning.nn.quantized import FloatFunctional
 from hq_lightning.quantization import QuantStub, fuse_fx, register_fusion_pattern
-from hq_lightning.quantization.fx.patterns import FUSION_PATTERNS, MatchAllNode
+from hq_lightning.quantization.fx.patterns import FROZEN_BN_TYPES, FUSION_PATTERNS, MatchAllNode
 
 _SHAPES = {  # weighted type -> (factory, input shape)
     nn.Conv1d: (lambda: nn.Conv1d(2, 4, 3, padding=1), (3, 2, 5)),
@@ -81,6 +81,7 @@ def _inputs(conv_type, model):
 
 def _expected_name(pattern, fold_bn):
     stem, dim = _STEM[pattern.conv]
+    fold_bn = fold_bn or pattern.bn in FROZEN_BN_TYPES  # fixed statistics: always folded
     if fold_bn and pattern.bn is not None and pattern.add is None and pattern.act is None:
         return pattern.conv.__name__  # conv+bn folded: the conv itself
     bn = "BN" if pattern.bn is not None and not fold_bn else ""
@@ -119,7 +120,8 @@ def test_every_pattern_of_the_table_fuses_and_keeps_the_output(index, fold_bn):
         assert calls[0].target.startswith("_generated_add_") or calls[0].target == "skip"
     if type(module).__name__ != pattern.conv.__name__:
         assert type(module.conv) is pattern.conv
-        assert (module.bn is not None) == (pattern.bn is not None and not fold_bn)
+        kept = pattern.bn is not None and not fold_bn and pattern.bn not in FROZEN_BN_TYPES
+        assert (module.bn is not None) == kept
         act = None if module.relu is None else type(module.relu)
         assert act is pattern.act
         assert module.has_add == (pattern.add is not None)
@@ -335,3 +337,21 @@ def test_fused_model_saves_and_loads_whole():
     assert str(loaded) == str(fused)
     x, y = torch.randn(1, 3, 6, 6), torch.randn(1, 3, 4, 4)
     torch.testing.assert_close(loaded(x, y), model(x, y), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fold_bn", [True, False])
+def test_frozen_batchnorm_is_always_folded(fold_bn):
+    """torchvision's FrozenBatchNorm2d (detection backbones) has fixed statistics: folded in every mode."""
+    misc = pytest.importorskip("torchvision.ops.misc")
+    torch.manual_seed(0)
+    bn = misc.FrozenBatchNorm2d(4)
+    bn.weight.uniform_(0.5, 2)
+    bn.bias.uniform_(-1, 1)
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.5, 2)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), bn, nn.ReLU())
+    fused = fuse_fx(model, fold_bn=fold_bn)
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5)
+    kinds = [type(m).__name__ for m in fused.modules()]
+    assert "FrozenBatchNorm2d" not in kinds and "ConvReLU2d" in kinds

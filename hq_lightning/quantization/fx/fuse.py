@@ -45,7 +45,12 @@ from torch import fx, nn
 from hq_lightning.nn.intrinsic.fused import FUSABLE_BASES
 from hq_lightning.quantization.fx.functional_ops import generate_functional_modules
 from hq_lightning.quantization.fx.graph_module import QuantGraphModule
-from hq_lightning.quantization.fx.patterns import ACT_OPS, ADD_FUNCTIONS, FUSION_PATTERNS
+from hq_lightning.quantization.fx.patterns import (
+    ACT_OPS,
+    ADD_FUNCTIONS,
+    FUSION_PATTERNS,
+    is_frozen_bn,
+)
 from hq_lightning.quantization.fx.tracer import is_float_functional, symbolic_trace
 
 __all__ = ["fuse_fx", "fuse_graph_module", "fold_bn_into"]
@@ -84,6 +89,8 @@ def _sole_user(node: fx.Node) -> fx.Node | None:
 
 
 def _bn_fusible(bn: nn.Module, model_training: bool) -> bool:
+    if is_frozen_bn(bn):
+        return True  # fixed statistics: folding is exact in every mode
     if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
         return False
     return not (model_training and not bn.training)  # frozen BN stays as it is
@@ -190,11 +197,12 @@ def fold_bn_into(conv: nn.Module, bn: nn.Module) -> nn.Module:
     """
     weight = conv.weight.detach().double()
     out_channels = bn.running_mean.numel()
+    affine = getattr(bn, "affine", True)  # FrozenBatchNorm2d: weight and bias always (buffers)
     gamma = (
-        bn.weight.detach().double() if bn.affine else torch.ones(out_channels, dtype=torch.float64)
+        bn.weight.detach().double() if affine else torch.ones(out_channels, dtype=torch.float64)
     )
     beta = (
-        bn.bias.detach().double() if bn.affine else torch.zeros(out_channels, dtype=torch.float64)
+        bn.bias.detach().double() if affine else torch.zeros(out_channels, dtype=torch.float64)
     )
     factor = gamma / torch.sqrt(bn.running_var.double() + bn.eps)
     if isinstance(conv, nn.modules.conv._ConvTransposeNd):
@@ -240,7 +248,8 @@ def _apply(gm: QuantGraphModule, match: _Match, sites: dict[str, int], fold_bn: 
         else:
             act_module = match.act_type()
     kept_bn = bn
-    if bn is not None and fold_bn and any(isinstance(conv, b) for b in FUSABLE_BASES):
+    fold = fold_bn or is_frozen_bn(bn)  # a frozen BN has nothing to train: always folded
+    if bn is not None and fold and any(isinstance(conv, b) for b in FUSABLE_BASES):
         conv = fold_bn_into(conv, bn)
         kept_bn = None
     if kept_bn is None and match.add is None and act_module is None:

@@ -44,10 +44,12 @@ __all__ = [
     "ACT_OPS",
     "ADD_FUNCTIONS",
     "BN_TYPES",
+    "FROZEN_BN_TYPES",
     "FUSION_PATTERNS",
     "FusionPattern",
     "MatchAllNode",
     "is_add_op",
+    "is_frozen_bn",
     "parse_pattern",
     "register_fusion_pattern",
 ]
@@ -57,10 +59,24 @@ class MatchAllNode:
     """Placeholder for "any node" in a pattern tuple (the add operand that is not the chain)."""
 
 
+try:  # torchvision's detection backbones default to FrozenBatchNorm2d (fixed statistics)
+    from torchvision.ops.misc import FrozenBatchNorm2d as _FrozenBatchNorm2d
+except ImportError:  # pragma: no cover - torchvision is installed in the project's environment
+    _FrozenBatchNorm2d = None
+
+#: BatchNorms whose statistics never change (no training mode): always folded into the conv.
+FROZEN_BN_TYPES: tuple[type[nn.Module], ...] = tuple(t for t in (_FrozenBatchNorm2d,) if t is not None)
+
+
+def is_frozen_bn(module: nn.Module | None) -> bool:
+    """A BatchNorm with fixed statistics (torchvision's ``FrozenBatchNorm2d``)."""
+    return module is not None and isinstance(module, FROZEN_BN_TYPES)
+
+
 #: BatchNorm types a weighted module can absorb, by weighted type.
 BN_TYPES: dict[type[nn.Module], tuple[type[nn.Module], ...]] = {
     nn.Conv1d: (nn.BatchNorm1d, nn.SyncBatchNorm),
-    nn.Conv2d: (nn.BatchNorm2d, nn.SyncBatchNorm),
+    nn.Conv2d: (nn.BatchNorm2d, nn.SyncBatchNorm, *FROZEN_BN_TYPES),
     nn.Conv3d: (nn.BatchNorm3d, nn.SyncBatchNorm),
     nn.ConvTranspose2d: (nn.BatchNorm2d, nn.SyncBatchNorm),
     nn.Linear: (nn.BatchNorm1d, nn.SyncBatchNorm),
