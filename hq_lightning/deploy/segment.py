@@ -146,9 +146,10 @@ def float_island_split_points(model: fx.GraphModule) -> list[str]:
 
     The hook through which ``at="auto"`` learns about float islands (ops that run in float
     between integer parts, :func:`hq_lightning.quantization.float_islands`): prepare marks each
-    island's nodes with ``node.meta["hq_float_island"]``, convert keeps the mark; the first node
-    of each island in graph order (its entry dequantize) is returned, and the island's re-entry
-    QuantStub starts the next integer stage.
+    island's nodes with ``node.meta["hq_float_island"]``, convert keeps the mark; the first float
+    node of each island in graph order is returned (its entry dequantizes stay with the integer
+    stage that produced their input, which then ends in float as the chapter's DeQuantStub
+    does), and the island's re-entry QuantStub starts the next integer stage.
     """
     from hq_lightning.quantization.fx.islands import META_KEY
 
@@ -156,9 +157,12 @@ def float_island_split_points(model: fx.GraphModule) -> list[str]:
     points: list[str] = []
     for node in model.graph.nodes:
         island = node.meta.get(META_KEY)
-        if island is not None and island not in seen:
-            seen.add(island)
-            points.append(node.name)
+        if island is None or island in seen:
+            continue
+        if node.op == "call_module" and isinstance(model.get_submodule(str(node.target)), DeQuantize):
+            continue  # an entry dequantize: the end of the integer stage before the island
+        seen.add(island)
+        points.append(node.name)
     return points
 
 
