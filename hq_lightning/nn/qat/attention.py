@@ -45,6 +45,7 @@ __all__ = [
     "MultiheadAttention",
     "WindowAttention",
     "attention_masks",
+    "batch_first_inputs",
     "constant_fake_quant",
     "linear_from_float",
     "relative_position_bias",
@@ -100,6 +101,28 @@ def linear_from_float(linear: nn.Linear, qconfig: Any) -> Linear:
     plain.weight, plain.bias = linear.weight, linear.bias
     plain.train(linear.training)
     return Linear.from_float(plain, qconfig)
+
+
+def batch_first_inputs(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    key_padding_mask: Tensor | None,
+    attn_mask: Tensor | None,
+    batch_first: bool,
+    is_causal: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, bool]:
+    """``nn.MultiheadAttention``'s inputs as ``(batch, length, embed)``, and whether they were unbatched."""
+    if is_causal and attn_mask is None:
+        raise ValueError("Expected `attn_mask` with is_causal=True (it is only a hint), but got None.")
+    unbatched = query.dim() == 2
+    if unbatched:
+        query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.unsqueeze(0)
+    elif not batch_first:
+        query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+    return query, key, value, key_padding_mask, unbatched
 
 
 def attention_masks(
@@ -280,15 +303,9 @@ class MultiheadAttention(nn.MultiheadAttention):
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
-        if is_causal and attn_mask is None:
-            raise ValueError("Expected `attn_mask` with is_causal=True (it is only a hint), but got None.")
-        unbatched = query.dim() == 2
-        if unbatched:
-            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
-            if key_padding_mask is not None:
-                key_padding_mask = key_padding_mask.unsqueeze(0)
-        elif not self.batch_first:
-            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        query, key, value, key_padding_mask, unbatched = batch_first_inputs(
+            query, key, value, key_padding_mask, attn_mask, self.batch_first, is_causal
+        )
         batch, target, source = query.shape[0], query.shape[1], key.shape[1]
         heads, head_dim = self.num_heads, self.head_dim
         wq, wk, wv = self.projection_weights()

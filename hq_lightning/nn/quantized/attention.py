@@ -220,17 +220,11 @@ class QuantizedMultiheadAttention(nn.Module):
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
-        from hq_lightning.nn.qat.attention import attention_masks
+        from hq_lightning.nn.qat.attention import attention_masks, batch_first_inputs
 
-        if is_causal and attn_mask is None:
-            raise ValueError("Expected `attn_mask` with is_causal=True (it is only a hint), but got None.")
-        unbatched = query.dim() == 2
-        if unbatched:
-            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
-            if key_padding_mask is not None:
-                key_padding_mask = key_padding_mask.unsqueeze(0)
-        elif not self.batch_first:
-            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        query, key, value, key_padding_mask, unbatched = batch_first_inputs(
+            query, key, value, key_padding_mask, attn_mask, self.batch_first, is_causal
+        )
         batch, target, source = query.shape[0], query.shape[1], key.shape[1]
         heads = self.num_heads
         q = self.q_proj(query)
