@@ -57,7 +57,7 @@ from hq_lightning.quantization.qconfig import (
     default_calib_16bit_fake_quant_qconfig,
     default_qat_16bit_fake_quant_qconfig,
 )
-from hq_lightning.quantization.state import FakeQuantState, set_fake_quantize
+from hq_lightning.quantization.state import FakeQuantState, preserved_states, set_fake_quantize
 
 __all__ = [
     "Int16Decision",
@@ -365,13 +365,15 @@ def _fusion_renamed(model: nn.Module) -> bool:
     return any(isinstance(m, nn.Identity) and path not in called for path, m in model.named_modules())
 
 
-def _default_output_fn(output: Any) -> torch.Tensor:
-    tensors = []
+def flatten_float_output(output: Any) -> torch.Tensor | None:
+    """Every floating tensor of a model output (a tensor, or nested tuples/lists/dicts of them),
+    flattened and concatenated as float32 in traversal order; ``None`` when there is none."""
+    tensors: list[torch.Tensor] = []
 
     def collect(value: Any) -> None:
         if isinstance(value, torch.Tensor):
             if value.is_floating_point():
-                tensors.append(value.detach().reshape(-1))
+                tensors.append(value.detach().reshape(-1).float())
         elif isinstance(value, Mapping):
             for item in value.values():
                 collect(item)
@@ -380,12 +382,17 @@ def _default_output_fn(output: Any) -> torch.Tensor:
                 collect(item)
 
     collect(output)
-    if not tensors:
+    return torch.cat(tensors) if tensors else None
+
+
+def _default_output_fn(output: Any) -> torch.Tensor:
+    flat = flatten_float_output(output)
+    if flat is None:
         raise TypeError(
             "Expected the model output to be a floating tensor or a (nested) tuple/list/dict of "
             f"them, but got {type(output).__name__} with none: pass `output_fn` to pick the tensor to compare."
         )
-    return torch.cat([t.float() for t in tensors])
+    return flat
 
 
 class _MetricAccumulator:
@@ -499,9 +506,7 @@ def layer_sensitivity(
         raise ValueError("Expected `batches` to hold at least one model input, but got none.")
 
     fake_quants = [m for m in prepared_model.modules() if isinstance(m, FakeQuantize)]
-    saved_flags = [(fq, fq.fake_quant_enabled, fq.observer_enabled) for fq in fake_quants]
-    saved_modes = [(m, m.training) for m in prepared_model.modules()]
-    try:
+    with preserved_states(prepared_model):
         prepared_model.eval()
         with torch.no_grad():
             set_fake_quantize(prepared_model, FakeQuantState.FLOAT)
@@ -537,12 +542,6 @@ def layer_sensitivity(
                         weighted=isinstance(weight, FakeQuantize),
                     )
                 )
-    finally:
-        for module, training in saved_modes:
-            module.training = training
-        for fake_quant, fake_quant_enabled, observer_enabled in saved_flags:
-            fake_quant.fake_quant_enabled = fake_quant_enabled
-            fake_quant.observer_enabled = observer_enabled
 
     return SensitivityReport(
         rows,
@@ -689,10 +688,7 @@ def promote_to_int16(model: nn.Module, paths: Iterable[str], *, recompute_scale:
 
 def _model_sqnr(model: nn.Module, batches: list[Any], output_fn: Callable[[Any], torch.Tensor]) -> float:
     """SQNR of the whole fake-quantized output vs the FLOAT output; flags and modes restored."""
-    fake_quants = [m for m in model.modules() if isinstance(m, FakeQuantize)]
-    saved_flags = [(fq, fq.fake_quant_enabled, fq.observer_enabled) for fq in fake_quants]
-    saved_modes = [(m, m.training) for m in model.modules()]
-    try:
+    with preserved_states(model):
         model.eval()
         with torch.no_grad():
             set_fake_quantize(model, FakeQuantState.FLOAT)
@@ -702,12 +698,6 @@ def _model_sqnr(model: nn.Module, batches: list[Any], output_fn: Callable[[Any],
             for batch, reference in zip(batches, references):
                 accumulator.add(reference, output_fn(_run(model, batch)))
             return accumulator.value()
-    finally:
-        for module, training in saved_modes:
-            module.training = training
-        for fake_quant, fake_quant_enabled, observer_enabled in saved_flags:
-            fake_quant.fake_quant_enabled = fake_quant_enabled
-            fake_quant.observer_enabled = observer_enabled
 
 
 def auto_int16(

@@ -29,7 +29,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import enum
+from collections.abc import Iterator
 
 from torch import nn
 
@@ -37,7 +39,7 @@ from hq_lightning.quantization.fake_quantize import FakeQuantize
 from hq_lightning.quantization.fx.integer_validation import invalidate_integer_models
 from hq_lightning.quantization.nonfinite import check_nonfinite
 
-__all__ = ["FakeQuantState", "set_fake_quantize"]
+__all__ = ["FakeQuantState", "preserved_states", "set_fake_quantize"]
 
 
 class FakeQuantState(str, enum.Enum):
@@ -101,3 +103,33 @@ def set_fake_quantize(model: nn.Module, state: FakeQuantState | str) -> None:
             module.train()
         elif state is FakeQuantState.VALIDATION:
             module.eval()
+
+
+@contextlib.contextmanager
+def preserved_states(model: nn.Module) -> Iterator[nn.Module]:
+    """Run a block that switches states and modes, then put back every module's ``training`` flag
+    and every fake quant's ``fake_quant_enabled`` / ``observer_enabled`` as they were.
+
+    Example:
+        >>> import torch
+        >>> from hq_lightning.quantization import FakeQuantize
+        >>> fq = FakeQuantize()
+        >>> with preserved_states(fq):
+        ...     _ = fq.eval().disable_fake_quant()
+        >>> fq.training, bool(fq.fake_quant_enabled)
+        (True, True)
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [
+        (fq, fq.fake_quant_enabled, fq.observer_enabled)
+        for fq in model.modules()
+        if isinstance(fq, FakeQuantize)
+    ]
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+        for fake_quant, fake_quant_enabled, observer_enabled in flags:
+            fake_quant.fake_quant_enabled = fake_quant_enabled
+            fake_quant.observer_enabled = observer_enabled

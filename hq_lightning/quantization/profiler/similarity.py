@@ -60,7 +60,7 @@ from torch import fx, nn
 
 from hq_lightning.dtype import QuantDType, as_dtype, qinfo
 from hq_lightning.quantization.fake_quantize import FakeQuantize
-from hq_lightning.quantization.state import FakeQuantState, set_fake_quantize
+from hq_lightning.quantization.state import FakeQuantState, preserved_states, set_fake_quantize
 
 __all__ = [
     "LayerSimilarity",
@@ -491,21 +491,9 @@ def _dequantize(out: torch.Tensor, q: _QInfo) -> tuple[torch.Tensor, torch.Tenso
 
 
 def _flatten_output(output: Any) -> torch.Tensor | None:
-    tensors: list[torch.Tensor] = []
+    from hq_lightning.quantization.sensitivity import flatten_float_output
 
-    def collect(value: Any) -> None:
-        if isinstance(value, torch.Tensor):
-            if value.is_floating_point():
-                tensors.append(value.detach().reshape(-1).float())
-        elif isinstance(value, Mapping):
-            for item in value.values():
-                collect(item)
-        elif isinstance(value, (list, tuple)):
-            for item in value:
-                collect(item)
-
-    collect(output)
-    return torch.cat(tensors) if tensors else None
+    return flatten_float_output(output)
 
 
 # --------------------------------------------------------------------------- entry point
@@ -612,13 +600,8 @@ def layer_similarity(
     ranges: dict[str, list[float]] = {}
     samples: dict[str, list[torch.Tensor]] = {}
     generator = torch.Generator().manual_seed(0)
-    saved_modes = [(m, m.training) for m in fake_quant.modules()]
-    saved_flags = [
-        (fq, fq.fake_quant_enabled, fq.observer_enabled)
-        for fq in fake_quant.modules() if isinstance(fq, FakeQuantize)
-    ]
     num_batches = 0
-    try:
+    with preserved_states(fake_quant):
         fake_quant.eval()
         set_fake_quantize(fake_quant, FakeQuantState.VALIDATION)
         if converted is not None:
@@ -656,12 +639,6 @@ def layer_similarity(
                     out_flat = _flatten_output(out)
                     if ref_flat is not None and out_flat is not None and out_flat.shape == ref_flat.shape:
                         output_acc[model_name].add(ref_flat, out_flat, None)
-    finally:
-        for module, training in saved_modes:
-            module.training = training
-        for fq, fake_quant_enabled, observer_enabled in saved_flags:
-            fq.fake_quant_enabled = fake_quant_enabled
-            fq.observer_enabled = observer_enabled
     if num_batches == 0:
         raise ValueError("Expected `batches` to hold at least one model input, but got none.")
 
