@@ -75,7 +75,8 @@ def nonfinite_counts(model: nn.Module) -> dict[str, tuple[int, int]]:
     if not named:
         return {}
     values = torch.stack([counter.detach().to("cpu", non_blocking=False) for _, counter in named]).tolist()
-    return {name: (int(bad), int(nan)) for (name, _), (bad, nan) in zip(named, values) if bad}
+    counts = {name: (int(bad), int(nan)) for (name, _), (bad, nan) in zip(named, values)}
+    return {name: count for name, count in counts.items() if count[0] > 0}  # whole batches only
 
 
 def check_nonfinite(model: nn.Module, action: str = "raise") -> dict[str, tuple[int, int]]:
