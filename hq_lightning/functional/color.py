@@ -52,7 +52,7 @@ __all__ = [
     "YuvToRgbFixedPoint",
 ]
 
-#: Marches whose hardware has the fixed-point colour conversion (semantics.md, section 2).
+#: Marches whose hardware has the fixed-point colour conversion (BAYES and BAYES_E, as in the plugin).
 YUV2RGB_MARCHES = (March.BAYES, March.BAYES_E)
 
 _SWINGS = ("full", "studio")

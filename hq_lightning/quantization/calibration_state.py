@@ -1,6 +1,6 @@
 """Carry state between the two prepares of the calibration -> QAT workflow.
 
-Calibration and QAT qconfigs are never mixed in one prepared model (semantics.md section 4): the
+Calibration and QAT qconfigs are never mixed in one prepared model (the plugin's workflow): the
 float model is prepared once with calibration qconfigs and calibrated, then prepared again with
 QAT qconfigs. ``copy_calibration_state`` moves the calibrated scales into the QAT prepare; the
 observer types differ (histogram vs moving average), so a strict ``load_state_dict`` cannot.

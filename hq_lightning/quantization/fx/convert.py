@@ -8,7 +8,8 @@ Each node gets its output :class:`QParams` (scale, dtype, channel axis of a per-
 
 - placeholder, get_attr: float.
 - ``QuantStub``: its fake quant's ``scale`` / ``dtype``. A stub inside the quantized region (a
-  segment boundary, semantics.md section 8) requantizes its integer input to that scale.
+  segment boundary: the plugin's ``QuantStub(scale=None)`` after a split point) requantizes its
+  integer input to that scale.
 - ``DeQuantStub``: float (dequantized with the propagated scale, which may be per channel).
 - QAT module or ``FloatFunctional`` call (``_generated_add_0.add(x, y)``) with an
   ``activation_post_process``: that fake quant's ``scale`` / ``dtype``.
