@@ -1,6 +1,7 @@
 """DeploymentCallback with QuantizationCallback in a Trainer: YUV-deployed accuracy beside the
-converted one, files and manifest at fit end, deployment from a finished checkpoint in
-trainer.validate, and the resume rules (a crashed phase is finished, a finished one not redone)."""
+converted one, files and manifest at fit end, deployment and the deployed/ metric from a finished
+checkpoint in trainer.validate/test, and the resume rules (a crashed phase is finished, a finished
+one not redone)."""
 
 import os
 
@@ -37,7 +38,7 @@ def _run(tmp_path, deploy_dir, ckpt_path=None, fn="fit", **trainer_kwargs):
     return trainer, quantization, deployment
 
 
-@pytest.mark.slow  # trains three times on 1257 colour digits: ~20 s on one thread
+@pytest.mark.slow  # trains three times on 1257 colour digits, then validate and test: ~7 s on one thread
 def test_fit_deploys_and_resume_rules(tmp_path):
     deploy_dir = tmp_path / "deploy"
     deploy_dir.write_text("a file where the directory should be")  # the phase will crash
@@ -77,12 +78,37 @@ def test_fit_deploys_and_resume_rules(tmp_path):
     assert again.status == "done" and again.deployment is None
     assert os.stat(deployment.manifest_path).st_mtime_ns == stamp
 
-    # trainer.validate from the finished checkpoint deploys into a new directory
+    # trainer.validate from the finished checkpoint deploys into a new directory and validates
+    # the YUV-deployed model (a second pass of the validate loop) on the same images
     other = tmp_path / "deploy_from_validate"
-    _, _, from_ckpt = _run(tmp_path, other, ckpt_path=str(done_ckpt), fn="validate")
+    validator, checked, from_ckpt = _run(tmp_path, other, ckpt_path=str(done_ckpt), fn="validate")
     validated = load_manifest(from_ckpt.manifest_path)
     assert validated["source"]["fingerprint"] == manifest["source"]["fingerprint"]
     assert validated["source"]["checkpoint"] == str(done_ckpt)
+    again_deployed = validator.callback_metrics["deployed/val/acc"]
+    assert abs(float(again_deployed) - deployed) <= 2 / 270
+    # the final table of validate: the scheduled pass and the deployed one, over the same images
+    assert list(checked.evaluation_table) == ["validate", "deployed"]
+    assert checked.evaluation_table["deployed"]["val/acc"] == pytest.approx(float(again_deployed))
+    assert checked.evaluation_images == {"validate": 270, "deployed": 270}
+    # the unprefixed figures stay those of the scheduled pass (the restored model), not the deployed one
+    # the unprefixed figures stay those of the scheduled pass (the restored model: the quantized
+    # arithmetic), not the deployed pass's
+    assert float(validator.callback_metrics["val/loss"]) == pytest.approx(table["quantized"]["val/loss"])
+    assert float(validator.callback_metrics["val/loss"]) != pytest.approx(table["deployed"]["val/loss"])
+    assert checked.evaluation_table["validate"]["val/loss"] == pytest.approx(table["quantized"]["val/loss"])
+
+    # trainer.test: the files of these weights are there (not rewritten); the deployed model is
+    # still measured, with the module's test_step on the test images
+    stamp = os.stat(from_ckpt.manifest_path).st_mtime_ns
+    tester, tested, _ = _run(tmp_path, other, ckpt_path=str(done_ckpt), fn="test")
+    assert os.stat(from_ckpt.manifest_path).st_mtime_ns == stamp
+    test_images = len(tester.datamodule.test_dataloader().dataset)
+    assert tested.evaluation_images == {"test": test_images, "deployed": test_images}
+    deployed_test = tested.evaluation_table["deployed"]["test/acc"]
+    assert float(tester.callback_metrics["deployed/test/acc"]) == pytest.approx(deployed_test)
+    assert float(tester.callback_metrics["test/acc"]) == pytest.approx(tested.evaluation_table["test"]["test/acc"])
+    assert abs(deployed_test - tested.evaluation_table["test"]["test/acc"]) <= 2 / test_images
 
 
 def test_deployment_needs_one_quantization_callback(tmp_path):

@@ -46,12 +46,15 @@ def arithmetic_note(phases: list[str]) -> str:
     )
 
 
-def render_metrics_table(metrics_table: dict[str, dict[str, float]], images: dict[str, int] | None = None) -> str:
+def render_metrics_table(
+    metrics_table: dict[str, dict[str, float]], images: dict[str, int] | None = None, split: str = "validation"
+) -> str:
     """Returns a text table with one row per metric and one column per phase.
 
     Args:
         metrics_table: ``{phase: {metric: value}}``.
         images: ``{phase: number of validation images}`` behind each column, printed under it.
+        split: the split the images come from (``"test"`` under ``trainer.test``).
 
     Example:
         >>> print(render_metrics_table({"float": {"val/acc": 0.9}, "quantized": {"val/acc": 0.89}},
@@ -79,7 +82,7 @@ def render_metrics_table(metrics_table: dict[str, dict[str, float]], images: dic
         table.add_row(*row)
     buffer = io.StringIO()
     Console(file=buffer, width=120, force_terminal=False, color_system=None).print(table)
-    note = images_note({p: n for p, n in (images or {}).items() if p in metrics_table})
+    note = images_note({p: n for p, n in (images or {}).items() if p in metrics_table}, split)
     notes = [n for n in (note, arithmetic_note(phases)) if n]
     return buffer.getvalue().rstrip("\n") + "".join(f"\n{n}" for n in notes)
 

@@ -6,8 +6,11 @@ trainer and runs :func:`hq_lightning.deploy.deploy_converted`: the YUV input pat
 stages (points named, or ``"auto"``), the bit-for-bit check of stages against the whole model on a
 validation batch, the TorchScript/ONNX files (each checked against eager) and ``manifest.json``.
 With the YUV patch, the deployed model is also validated with the module's own
-``validation_step`` on the validation images converted to centered YUV by ``rgb2centered_yuv``
-(logged as ``deployed/<metric>``, a column of the final table beside ``quantized``).
+``validation_step`` (``test_step`` under ``trainer.test``) on the same images converted to
+centered YUV by ``rgb2centered_yuv`` (logged as ``deployed/<metric>``, a column of the final table
+beside ``quantized``), through :meth:`QuantizationCallback.evaluate_with`: at the end of fit, and
+in ``trainer.validate``/``test`` (as a second pass of their loop, even where the files of these
+weights already exist).
 
 Resume: the phase's status lives in :meth:`state_dict`. A run resumed after the phase failed
 (full disk, no permission) runs it again; a run resumed after it succeeded finds the manifest of
@@ -95,7 +98,8 @@ class DeploymentCallback(Callback):
         export: formats of the files, any of ``"torchscript"``, ``"onnx"``.
         output_dir: directory of the files and ``manifest.json`` (default: the
             QuantizationCallback's output directory + ``/deploy``).
-        validate: validate the YUV-deployed model with the module's ``validation_step`` (fit).
+        validate: validate the YUV-deployed model with the module's ``validation_step`` (fit,
+            validate) or ``test_step`` (test).
         export_batch_size: batch size of the exported example (the manifest's shapes).
         onnx_atol: tolerance for float outputs of ONNX files (integer outputs must be equal).
 
@@ -165,6 +169,7 @@ class DeploymentCallback(Callback):
         self.deployment: Any = None
         self._quantization: QuantizationCallback | None = None
         self._ran_this_fit = False
+        self._evaluating = False
 
     # ------------------------------------------------------------------ state
     @property
@@ -215,11 +220,13 @@ class DeploymentCallback(Callback):
             self._deploy(trainer, pl_module, in_fit=True)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.state.fn == "validate" and not trainer.sanity_checking:
+        # not again at the end of the deployed model's own pass
+        if trainer.state.fn == "validate" and not trainer.sanity_checking and not self._evaluating:
             self._deploy(trainer, pl_module, in_fit=False)
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._deploy(trainer, pl_module, in_fit=False)
+        if not self._evaluating:
+            self._deploy(trainer, pl_module, in_fit=False)
 
     # ------------------------------------------------------------------ the phase
     def resolve_output_dir(self, trainer: pl.Trainer) -> str:
@@ -291,7 +298,7 @@ class DeploymentCallback(Callback):
             self._deploy_phase(trainer, pl_module, in_fit)
 
     def _deploy_phase(self, trainer: pl.Trainer, pl_module: pl.LightningModule, in_fit: bool) -> None:
-        from hq_lightning.deploy import deploy_converted, patch_yuv_input
+        from hq_lightning.deploy import deploy_converted
         from hq_lightning.deploy.pipeline import model_fingerprint
 
         quantization = self._quantization
@@ -301,6 +308,11 @@ class DeploymentCallback(Callback):
         converted = copy.deepcopy(quantization.converted_model()).cpu().eval()
         fingerprint = model_fingerprint(converted)
         directory = self.resolve_output_dir(trainer)
+        yuv = None
+        if self.yuv:
+            mean, std = self._normalisation(trainer)
+            yuv = {"swing": self.swing, "mean": mean, "std": std, "bgr": self.bgr,
+                   "input_names": self.input_names}
         if self._already_deployed(fingerprint, directory):
             self.status, self.fingerprint = "done", fingerprint
             self.manifest_path = os.path.join(directory, "manifest.json")
@@ -308,13 +320,10 @@ class DeploymentCallback(Callback):
                 f"DeploymentCallback: {self.manifest_path} already deploys these "
                 "weights (same fingerprint, every file present); not redone."
             )
+            if not in_fit:  # validate/test still measure the deployed model
+                self._validate_deployed(trainer, pl_module, converted, yuv)
             return
         self.status = "pending"
-        yuv = None
-        if self.yuv:
-            mean, std = self._normalisation(trainer)
-            yuv = {"swing": self.swing, "mean": mean, "std": std, "bgr": self.bgr,
-                   "input_names": self.input_names}
         check = self._check_batch(trainer)
         if yuv is not None:
             check = (YuvFeed(nn.Identity(), yuv["mean"], yuv["std"], self.swing, self.bgr)(check[0]),
@@ -332,12 +341,23 @@ class DeploymentCallback(Callback):
                 f"[{', '.join(s['device'] for s in stages)}], stages == whole on a validation batch; "
                 f"manifest: {self.manifest_path}"
             )
-        if in_fit and yuv is not None and self.validate:
-            # every rank validates (the loop synchronises metrics); only rank 0 wrote files
-            if self.deployment is not None:
-                deployed = self.deployment.model
-            else:
-                deployed = patch_yuv_input(converted, **yuv)
-            feed = YuvFeed(copy.deepcopy(deployed), yuv["mean"], yuv["std"], self.swing, self.bgr)
-            quantization.evaluate_with(trainer, pl_module, feed.to(pl_module.device), "deployed")
+        # every rank validates (the loop synchronises metrics); only rank 0 wrote files
+        deployed = self.deployment.model if self.deployment is not None else None
+        self._validate_deployed(trainer, pl_module, converted, yuv, deployed)
         self.status, self.fingerprint = "done", fingerprint
+
+    def _validate_deployed(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           converted: nn.Module, yuv: dict | None, deployed: nn.Module | None = None) -> None:
+        """The module's own validation (or test) step on the YUV-patched model, as ``deployed/``."""
+        from hq_lightning.deploy import patch_yuv_input
+
+        if yuv is None or not self.validate:
+            return
+        if deployed is None:
+            deployed = patch_yuv_input(converted, **yuv)
+        feed = YuvFeed(copy.deepcopy(deployed), yuv["mean"], yuv["std"], self.swing, self.bgr)
+        self._evaluating = True
+        try:
+            self._quantization.evaluate_with(trainer, pl_module, feed.to(pl_module.device), "deployed")
+        finally:
+            self._evaluating = False

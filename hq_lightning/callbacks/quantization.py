@@ -152,6 +152,9 @@ class QuantizationCallback(LayerReportMixin, Callback):
     Attributes:
         phase: ``"float"``, ``"calibration"``, ``"qat"`` or ``"done"``.
         metrics_table: ``{phase: {metric: value}}`` of the last validation of each phase.
+        evaluation_table: ``{column: {metric: value}}`` of the last ``trainer.validate``/``test``:
+            its scheduled pass (column ``validate``/``test``) and each extra pass of
+            :meth:`evaluate_with` (e.g. ``deployed``); not checkpointed.
         calibrated: whether the calibration has run (restored from checkpoints).
         quantized_model: the converted submodule (a GraphModule) after fit.
         exported_files: ``{"state_dict" | "torchscript" | "onnx": path}`` written by rank 0.
@@ -262,6 +265,8 @@ class QuantizationCallback(LayerReportMixin, Callback):
         self.finished = False
         self.metrics_table: dict[str, dict[str, float]] = {}
         self.metrics_images: dict[str, int] = {}
+        self.evaluation_table: dict[str, dict[str, float]] = {}
+        self.evaluation_images: dict[str, int] = {}
         self._images_seen = 0
         self.quantized_model: nn.Module | None = None
         self.exported_files: dict[str, str] = {}
@@ -455,12 +460,17 @@ class QuantizationCallback(LayerReportMixin, Callback):
             self._finish_workflow(trainer, pl_module)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and self._table_pending:
+        # fit; or validate/test where an extra pass (evaluate_with) added a column
+        if self._table_pending:
             self._table_pending = False
             # the table comes last: after the progress bar's final frame, not under it
             bar = trainer.progress_bar_callback
             if isinstance(bar, RichProgressBar):
                 bar.teardown(trainer, pl_module, stage)  # stops its live display (idempotent)
+            if stage != "fit":
+                split = "test" if stage == "test" else "validation"
+                rank_zero_info(render_metrics_table(self.evaluation_table, self.evaluation_images, split))
+                return
             rank_zero_info(render_metrics_table(self.metrics_table, self.metrics_images))
             if self._worst_layers_text():
                 rank_zero_info(self._worst_layers_text())
@@ -597,18 +607,34 @@ class QuantizationCallback(LayerReportMixin, Callback):
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._module = pl_module
         self._check_state_restored(trainer)
+        self._start_pass(trainer)
+        self._set_eval_state()
+
+    def _start_pass(self, trainer: pl.Trainer) -> None:
         self._metrics_before = dict(trainer.callback_metrics)
         self._images_seen = 0
-        self._set_eval_state()
+        if trainer.state.fn != "fit" and self._metrics_label is None:  # a new validate/test
+            self.evaluation_table, self.evaluation_images = {}, {}
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         self._images_seen += batch_length(batch)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._state_dirty = True
-        if trainer.sanity_checking or trainer.state.fn != "fit":
+        if trainer.sanity_checking:
             return
-        label = self._metrics_label or ("float" if self.phase == "float" else self.phase)
+        self._record_metrics(trainer)
+
+    def _record_metrics(self, trainer: pl.Trainer) -> None:
+        # fit: the phases' table; validate/test: their own table (the scheduled pass unprefixed)
+        in_fit = trainer.state.fn == "fit"
+        label = self._metrics_label or (
+            ("float" if self.phase == "float" else self.phase) if in_fit else trainer.state.fn.value
+        )
+        table, images_table = (
+            (self.metrics_table, self.metrics_images) if in_fit
+            else (self.evaluation_table, self.evaluation_images)
+        )
         # every rank takes part (a collective under DDP): the images behind this phase's figures
         images = int(trainer.strategy.reduce(torch.tensor(float(self._images_seen)), reduce_op="sum").item())
         before = self._metrics_before
@@ -622,8 +648,10 @@ class QuantizationCallback(LayerReportMixin, Callback):
             new = {name: value for name, value in new.items() if name in self.metrics}
         if not new:
             return
-        self.metrics_table[label] = {name: float(value) for name, value in new.items()}
-        self.metrics_images[label] = images
+        table[label] = {name: float(value) for name, value in new.items()}
+        images_table[label] = images
+        if not in_fit and self._metrics_label is None:
+            return  # the scheduled pass: Lightning logs it
         prefixed = {f"{label}/{name}": value for name, value in new.items()}
         trainer.callback_metrics.update(prefixed)
         for logger in trainer.loggers:
@@ -632,7 +660,14 @@ class QuantizationCallback(LayerReportMixin, Callback):
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._module = pl_module
         self._check_state_restored(trainer)
+        self._start_pass(trainer)
         self._set_eval_state()
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._images_seen += batch_length(batch)
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._record_metrics(trainer)
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._module = pl_module
@@ -640,7 +675,16 @@ class QuantizationCallback(LayerReportMixin, Callback):
         self._set_eval_state()
 
     def _evaluate(self, trainer: pl.Trainer, label: str) -> None:
-        """Runs the fit's validation loop once outside the schedule, its metrics under ``label``."""
+        """Runs the validation loop once outside the schedule, its metrics under ``label``.
+
+        In fit, the fit's validation loop. In ``trainer.validate``/``test`` (called from the end
+        hook of their loop), that loop once more: its results are cleared first, its printout and
+        loggers muted (the metrics are logged as ``<label>/<name>``), and the unprefixed callback
+        metrics put back to the scheduled pass's values afterwards.
+        """
+        if trainer.state.fn != "fit":
+            self._evaluate_again(trainer, label)
+            return
         loop = trainer.fit_loop.epoch_loop.val_loop
         callbacks = trainer.callbacks
         # a checkpoint or early stop must not act on an extra, out-of-schedule validation
@@ -655,6 +699,25 @@ class QuantizationCallback(LayerReportMixin, Callback):
             trainer.training = True
             trainer._logger_connector._first_loop_iter = first_loop_iter
             trainer.callbacks = callbacks
+
+    def _evaluate_again(self, trainer: pl.Trainer, label: str) -> None:
+        loop = trainer.test_loop if trainer.testing else trainer.validate_loop
+        connector = trainer._logger_connector
+        before = dict(trainer.callback_metrics)
+        verbose, loggers = loop.verbose, trainer.loggers
+        connector.reset_results()  # the scheduled pass's results are already in callback_metrics
+        self._metrics_label = label
+        try:
+            loop.verbose, trainer.loggers = False, []
+            loop.run()
+        finally:
+            self._metrics_label = None
+            loop.verbose, trainer.loggers = verbose, loggers
+        measured = self.evaluation_table.get(label, {})
+        prefixed = {f"{label}/{name}": value for name, value in measured.items()}
+        trainer.callback_metrics.update(before)
+        for logger in trainer.loggers:
+            logger.log_metrics(prefixed, step=trainer.global_step)
 
     # ------------------------------------------------------------------ conversion
     def converted_model(self) -> nn.Module:
@@ -681,17 +744,23 @@ class QuantizationCallback(LayerReportMixin, Callback):
     def evaluate_with(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Module, label: str
     ) -> dict[str, float]:
-        """Validate with ``model`` in place of the submodule, once, during fit (e.g. at its end).
+        """Validate with ``model`` in place of the submodule, once: during fit (e.g. at its end),
+        or from the end hook of ``trainer.validate``/``test``.
 
-        The module's own ``validation_step`` runs on the fit's validation data; the metrics go to
-        ``metrics_table[label]`` (a column of the final table) and are logged as ``<label>/<name>``.
+        The module's own ``validation_step`` (``test_step`` under test) runs on the same data as
+        the loop; the metrics go to ``metrics_table[label]`` (``evaluation_table[label]`` in
+        validate/test, beside the scheduled pass's column): a column of the final table, printed
+        at teardown; they are logged as ``<label>/<name>``.
         """
         set_submodule(pl_module, self.submodule, model)
         try:
             self._evaluate(trainer, label)
         finally:
             set_submodule(pl_module, self.submodule, self._live)
-        return dict(self.metrics_table.get(label, {}))
+        if trainer.state.fn == "fit":
+            return dict(self.metrics_table.get(label, {}))
+        self._table_pending = label in self.evaluation_table
+        return dict(self.evaluation_table.get(label, {}))
 
     def _convert_live(self) -> nn.Module:
         from hq_lightning.quantization import convert_fx
