@@ -86,3 +86,60 @@ def test_compiled_step_counts_a_nan_batch_and_reports_it_afterwards():
     with pytest.raises(ValueError, match=r"Expected the input of .* to be finite, but 1 batch\(es\) contained NaN"):
         check_nonfinite(model)
     assert check_nonfinite(model) == {}  # reported once
+
+
+def _edge_inputs(shape, scale_view, seed):
+    """Codes on both sides of every edge: half-integer ties at qmin - 0.5 / qmax + 0.5, far beyond
+    the range, beyond 2**24, NaN and +-inf, also in the vectorised loops' tail."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * scale_view * 60
+    flat = x.view(-1)
+    edges = torch.tensor([-128.5, -128.0, -127.5, 126.5, 127.0, 127.5, 128.0, 3.0e7, -3.0e7])
+    flat[: len(edges)] = edges * scale_view.reshape(-1)[0]
+    flat[[11, 12, 13]] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    flat[-1] = float("nan")
+    return x
+
+
+def _assert_same_bits(a, b):
+    """NaN at the same places (its payload and sign are not specified), every other value with
+    the same bits (``-0.0`` differs from ``0.0``)."""
+    nan = torch.isnan(a)
+    assert torch.equal(nan, torch.isnan(b))
+    assert torch.equal(a[~nan].view(torch.int32), b[~nan].view(torch.int32))
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_inductor_fake_quant_matches_eager_bit_for_bit(per_channel):
+    """The formula inductor compiles (float-only in-range mask) gives the eager path's outputs and
+    gradients bit for bit: at the range edges, beyond 2**24, for NaN and +-inf, for a leaf and for
+    a computed input, and a NaN incoming gradient stays NaN where the mask is 0 (as ``grad * 0``)."""
+    from hq_lightning.quantization.fake_quantize import fake_quantize
+
+    torch._dynamo.reset()
+    scale = torch.tensor([0.02, 0.5, 2.0**-6]) if per_channel else torch.tensor([0.05])
+    view = scale.view(-1, 1) if per_channel else scale
+    ch_axis = 0 if per_channel else None
+    shape = (3, 37) if per_channel else (111,)
+    base = _edge_inputs(shape, view, seed=3)
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(4))
+    grad.view(-1)[[0, 5, 11, 20]] = torch.tensor([float("nan"), float("inf"), float("nan"), -float("inf")])
+
+    def run(fn, computed):
+        leaf = base.clone().requires_grad_(True)
+        x = leaf * 1.0 + 0.0 if computed else leaf
+        y = fn(x)
+        y.backward(grad)
+        return y.detach(), leaf.grad
+
+    def fq(x):
+        return fake_quantize(x, scale, "qint8", ch_axis)
+
+    compiled = torch.compile(fq, backend="inductor", fullgraph=True)
+    for computed in (False, True):
+        (y_eager, g_eager), (y_comp, g_comp) = run(fq, computed), run(compiled, computed)
+        _assert_same_bits(y_eager, y_comp)
+        _assert_same_bits(g_eager, g_comp)
+    # a NaN / inf incoming gradient where the mask is 0 (NaN input; code 128) gives NaN, as grad * 0
+    assert torch.isnan(g_comp.view(-1)[[0, 5, 11]]).all()
+    assert g_comp.view(-1)[12] == 0 and g_comp.view(-1)[3] == grad.view(-1)[3]  # +inf: 0; code 127: grad

@@ -140,21 +140,38 @@ class _PlainFakeQuantize(torch.autograd.Function):
         return torch.mul(grad, mask), None, None, None, None  # one op: the bool converts in the kernel
 
 
+def _float_in_range(codes: torch.Tensor, clamped: torch.Tensor) -> torch.Tensor:
+    """1.0 where the rounded ``codes`` equal their clamped value, else 0.0 (NaN, +-inf: 0.0),
+    computed without a ``bool`` tensor.
+
+    ``codes - clamped`` is 0 inside the range and at least 1 in magnitude outside (both are
+    integer-valued), NaN for NaN; ``fmin`` with 1 maps NaN to 1, so ``1 - fmin(|d|, 1)`` is
+    exactly the in-range test. Inductor's CPU code stores a ``bool`` tensor ~50x slower than a
+    float one (one ``bool`` per element through a generic conversion: 5.8 ms against 0.09 ms for
+    786 k elements on one thread, torch 2.14), and its partitioner prefers saving the 1-byte mask,
+    so a mask that is a bool anywhere in the graph ends up stored as one.
+    """
+    one = torch.ones((), dtype=codes.dtype, device=codes.device)
+    return torch.sub(one, torch.fmin(torch.abs(torch.sub(codes, clamped)), one))
+
+
 class _TracedFakeQuantize(torch.autograd.Function):
-    """The same formula and saturating STE for ``torch.compile``: no look at autograd nodes, a
-    ``bool`` mask saved (the compiler fuses the passes and decides what to keep)."""
+    """The same formula and saturating STE for ``torch.compile``: no look at autograd nodes, the
+    mask saved as float32 ones and zeros computed with float ops only (:func:`_float_in_range`;
+    the compiler fuses the passes and decides what to keep). ``grad * 1.0`` and ``grad * 0.0``
+    are the bits of ``grad * bool_mask``."""
 
     @staticmethod
     def forward(ctx, x, scale, inv_scale, qmin, qmax):
         q = torch.round(torch.mul(x.float(), inv_scale))
         clamped = torch.clamp(q, qmin, qmax)
-        ctx.save_for_backward(torch.eq(q, clamped))
+        ctx.save_for_backward(_float_in_range(q, clamped))
         return torch.mul(clamped, scale).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         (mask,) = ctx.saved_tensors
-        return torch.mul(grad, mask), None, None, None, None
+        return torch.mul(grad, mask.to(grad.dtype)), None, None, None, None
 
 
 def _check_scale(x: torch.Tensor, scale: torch.Tensor, ch_axis: int | None) -> tuple[torch.Tensor, int | None]:
