@@ -392,44 +392,21 @@ class WindowAttention(nn.Module):
         return relative_position_bias(self.relative_position_bias_table, self.relative_position_index, self.window_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        from hq_lightning.nn.quantized.attention import window_shift_mask
+        from hq_lightning.nn.quantized.attention import merge_windows, partition_windows
 
-        batch, height, width, channels = x.shape
-        window = self.window_size
-        pad_r = (window[1] - width % window[1]) % window[1]
-        pad_b = (window[0] - height % window[0]) % window[0]
-        x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
-        _, pad_h, pad_w, _ = x.shape
-        shift = list(self.shift_size)
-        if window[0] >= pad_h:
-            shift[0] = 0
-        if window[1] >= pad_w:
-            shift[1] = 0
-        if sum(shift) > 0:
-            x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
-        windows = (pad_h // window[0]) * (pad_w // window[1])
-        x = x.view(batch, pad_h // window[0], window[0], pad_w // window[1], window[1], channels)
-        x = x.permute(0, 1, 3, 2, 4, 5).reshape(batch * windows, window[0] * window[1], channels)
+        channels = x.shape[-1]
+        x, layout = partition_windows(x, self.window_size, self.shift_size)
         tokens, heads = x.shape[1], self.num_heads
         qkv = self.qkv(x).reshape(x.shape[0], tokens, 3, heads, channels // heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
         bias = self.bias_fake_quant(self.get_relative_position_bias())
-        excluded = None
-        if sum(shift) > 0:
-            mask = window_shift_mask(pad_h, pad_w, window, shift, x.device)
-            excluded = mask.unsqueeze(1).repeat(batch, 1, 1, 1)
         context, _ = self.attention(
-            q, k, v, (channels // heads) ** -0.5, bias=bias, excluded=excluded,
+            q, k, v, (channels // heads) ** -0.5, bias=bias, excluded=layout.excluded(x.device),
             dropout_p=self.attention_dropout if self.training else 0.0,
         )  # fmt: skip
         x = context.transpose(1, 2).reshape(x.shape[0], tokens, channels)
-        x = self.proj(x)
-        x = F.dropout(x, p=self.dropout, training=self.training)
-        x = x.view(batch, pad_h // window[0], pad_w // window[1], window[0], window[1], channels)
-        x = x.permute(0, 1, 3, 2, 4, 5).reshape(batch, pad_h, pad_w, channels)
-        if sum(shift) > 0:
-            x = torch.roll(x, shifts=(shift[0], shift[1]), dims=(1, 2))
-        return x[:, :height, :width, :].contiguous()
+        x = F.dropout(self.proj(x), p=self.dropout, training=self.training)
+        return merge_windows(x, layout)
 
     @property
     def activation_post_process(self) -> nn.Module:

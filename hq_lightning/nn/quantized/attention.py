@@ -13,7 +13,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,15 @@ from hq_lightning.functional.integer.matmul import exact_matmul
 from hq_lightning.functional.integer.rounding import rounding_right_shift, saturate
 from hq_lightning.nn.quantized._common import activation_dtype, bounds, scale_tensor
 
-__all__ = ["QuantizedAttention", "QuantizedMultiheadAttention", "QuantizedWindowAttention", "window_shift_mask"]
+__all__ = [
+    "QuantizedAttention",
+    "QuantizedMultiheadAttention",
+    "QuantizedWindowAttention",
+    "WindowLayout",
+    "merge_windows",
+    "partition_windows",
+    "window_shift_mask",
+]
 
 _MAGNITUDE = {torch.int8: 2**7, torch.int16: 2**15}
 
@@ -53,6 +61,61 @@ def window_shift_mask(pad_h: int, pad_w: int, window: list[int], shift: list[int
     mask = mask.view(pad_h // window[0], window[0], pad_w // window[1], window[1])
     mask = mask.permute(0, 2, 1, 3).reshape(-1, window[0] * window[1])
     return (mask.unsqueeze(1) - mask.unsqueeze(2)) != 0
+
+
+class WindowLayout(NamedTuple):
+    """Where :func:`partition_windows` cut a ``[B, H, W, C]`` map (for :func:`merge_windows`)."""
+
+    batch: int
+    height: int
+    width: int
+    pad_h: int
+    pad_w: int
+    window: list[int]
+    shift: list[int]
+
+    @property
+    def shifted(self) -> bool:
+        return sum(self.shift) > 0
+
+    def excluded(self, device: Any = None) -> Tensor | None:
+        """The shift mask per window, ``[B * nW, 1, N, N]`` (True: other region), or ``None``."""
+        if not self.shifted:
+            return None
+        mask = window_shift_mask(self.pad_h, self.pad_w, self.window, self.shift, device)  # [nW, N, N]
+        return mask.unsqueeze(1).repeat(self.batch, 1, 1, 1)
+
+
+def partition_windows(x: Tensor, window_size: list[int], shift_size: list[int]) -> tuple[Tensor, WindowLayout]:
+    """torchvision Swin's window cut: pad ``[B, H, W, C]`` to whole windows, roll by the shift (none
+    where a window covers the map), then ``[B * nW, wh * ww, C]``. Moves values only (codes too)."""
+    batch, height, width, channels = x.shape
+    window = list(window_size)
+    pad_r = (window[1] - width % window[1]) % window[1]
+    pad_b = (window[0] - height % window[0]) % window[0]
+    x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+    _, pad_h, pad_w, _ = x.shape
+    shift = list(shift_size)
+    if window[0] >= pad_h:
+        shift[0] = 0
+    if window[1] >= pad_w:
+        shift[1] = 0
+    layout = WindowLayout(batch, height, width, pad_h, pad_w, window, shift)
+    if layout.shifted:
+        x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+    windows = (pad_h // window[0]) * (pad_w // window[1])
+    x = x.view(batch, pad_h // window[0], window[0], pad_w // window[1], window[1], channels)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(batch * windows, window[0] * window[1], channels), layout
+
+
+def merge_windows(x: Tensor, layout: WindowLayout) -> Tensor:
+    """The inverse of :func:`partition_windows`: back to ``[B, H, W, C]`` (roll back, crop the pad)."""
+    window, channels = layout.window, x.shape[-1]
+    x = x.view(layout.batch, layout.pad_h // window[0], layout.pad_w // window[1], window[0], window[1], channels)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(layout.batch, layout.pad_h, layout.pad_w, channels)
+    if layout.shifted:
+        x = torch.roll(x, shifts=(layout.shift[0], layout.shift[1]), dims=(1, 2))
+    return x[:, : layout.height, : layout.width, :].contiguous()
 
 
 class QuantizedAttention(nn.Module):
@@ -274,38 +337,15 @@ class QuantizedWindowAttention(nn.Module):
         self.num_heads = int(num_heads)
 
     def forward(self, x: Tensor) -> Tensor:
-        batch, height, width, channels = x.shape
-        window = self.window_size
-        pad_r = (window[1] - width % window[1]) % window[1]
-        pad_b = (window[0] - height % window[0]) % window[0]
-        x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
-        _, pad_h, pad_w, _ = x.shape
-        shift = list(self.shift_size)
-        if window[0] >= pad_h:
-            shift[0] = 0
-        if window[1] >= pad_w:
-            shift[1] = 0
-        if sum(shift) > 0:
-            x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
-        windows = (pad_h // window[0]) * (pad_w // window[1])
-        x = x.view(batch, pad_h // window[0], window[0], pad_w // window[1], window[1], channels)
-        x = x.permute(0, 1, 3, 2, 4, 5).reshape(batch * windows, window[0] * window[1], channels)
+        channels = x.shape[-1]
+        x, layout = partition_windows(x, self.window_size, self.shift_size)
         tokens = x.shape[1]
         heads = self.num_heads
         qkv = self.qkv(x).reshape(x.shape[0], tokens, 3, heads, channels // heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
-        excluded = None
-        if sum(shift) > 0:
-            mask = window_shift_mask(pad_h, pad_w, window, shift, x.device)  # [nW, N, N]
-            excluded = mask.unsqueeze(1).repeat(batch, 1, 1, 1)  # [B * nW, 1, N, N]
-        context, _ = self.attention(q, k, v, excluded)
+        context, _ = self.attention(q, k, v, layout.excluded(x.device))
         x = context.transpose(1, 2).reshape(x.shape[0], tokens, channels)
-        x = self.proj(x)
-        x = x.view(batch, pad_h // window[0], pad_w // window[1], window[0], window[1], channels)
-        x = x.permute(0, 1, 3, 2, 4, 5).reshape(batch, pad_h, pad_w, channels)
-        if sum(shift) > 0:
-            x = torch.roll(x, shifts=(shift[0], shift[1]), dims=(1, 2))
-        return x[:, :height, :width, :].contiguous()
+        return merge_windows(self.proj(x), layout)
 
     def extra_repr(self) -> str:
         return f"window_size={self.window_size}, shift_size={self.shift_size}, num_heads={self.num_heads}"
