@@ -40,6 +40,7 @@ from torch import fx, nn
 
 from hq_lightning.nn.quantized.constant import ConstantOperand
 from hq_lightning.quantization import ops
+from hq_lightning.quantization.fx.graph_module import add_generated_module
 from hq_lightning.quantization.ops import OpKind
 from hq_lightning.quantization.stubs import is_dequant_stub, is_quant_stub
 
@@ -125,15 +126,9 @@ def insert_constant_operands(gm: fx.GraphModule) -> fx.GraphModule:
             if const is None:
                 value = _value(gm, str(root.target))
                 axis = _per_channel_axis(value) if node.target == "mul" and child is None else None
-                name = f"_generated_constant_{counter}"
-                while hasattr(gm, name):
-                    counter += 1
-                    name = f"_generated_constant_{counter}"
-                counter += 1
-                module = ConstantOperand(axis)
                 path = node.meta.get("hq_module_path", "")
-                module._hq_owner_path = path
-                gm.add_module(name, module)
+                name, i = add_generated_module(gm, "_generated_constant", ConstantOperand(axis), path, counter)
+                counter = i + 1
                 with gm.graph.inserting_after(root):
                     const = gm.graph.call_module(name, (root,))
                 const.meta["hq_module_path"] = path

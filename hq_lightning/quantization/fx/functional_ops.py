@@ -51,7 +51,7 @@ from torch import fx, nn
 
 from hq_lightning.nn.quantized.float_functional import FLOAT_FUNCTIONAL_METHODS, FloatFunctional
 from hq_lightning.quantization import ops
-from hq_lightning.quantization.fx.graph_module import QuantGraphModule
+from hq_lightning.quantization.fx.graph_module import QuantGraphModule, add_generated_module
 from hq_lightning.quantization.ops import OpKind
 
 __all__ = ["SCALAR_OPS", "generate_functional_modules", "tensor_nodes"]
@@ -137,13 +137,8 @@ class _Generator:
         self.counters: dict[str, int] = {}
 
     def new_module(self, op: str, module: nn.Module, owner_path: str) -> str:
-        i = self.counters.get(op, 0)
-        while hasattr(self.gm, f"_generated_{op}_{i}"):
-            i += 1
+        name, i = add_generated_module(self.gm, f"_generated_{op}", module, owner_path, self.counters.get(op, 0))
         self.counters[op] = i + 1
-        name = f"_generated_{op}_{i}"
-        module._hq_owner_path = owner_path
-        self.gm.add_module(name, module)
         return name
 
     def float_functional_call(self, node: fx.Node, method: str, args: tuple, kwargs: dict) -> None:

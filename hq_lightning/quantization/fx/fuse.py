@@ -44,7 +44,7 @@ from torch import fx, nn
 
 from hq_lightning.nn.intrinsic.fused import FUSABLE_BASES
 from hq_lightning.quantization.fx.functional_ops import generate_functional_modules
-from hq_lightning.quantization.fx.graph_module import QuantGraphModule
+from hq_lightning.quantization.fx.graph_module import QuantGraphModule, free_child_name
 from hq_lightning.quantization.fx.patterns import (
     ACT_OPS,
     ADD_FUNCTIONS,
@@ -225,13 +225,6 @@ def _set_module(gm: QuantGraphModule, path: str, module: nn.Module) -> None:
     setattr(gm.get_submodule(parent), name, module)
 
 
-def _free_generated_name(gm: QuantGraphModule, op: str) -> str:
-    i = 0
-    while hasattr(gm, f"_generated_{op}_{i}"):
-        i += 1
-    return f"_generated_{op}_{i}"
-
-
 def _apply(gm: QuantGraphModule, match: _Match, sites: dict[str, int], fold_bn: bool) -> None:
     graph = gm.graph
     conv = gm.get_submodule(match.conv.target)
@@ -264,7 +257,7 @@ def _apply(gm: QuantGraphModule, match: _Match, sites: dict[str, int], fold_bn: 
             receiver = match.add.args[0]
             name = receiver.target
         else:
-            name = _free_generated_name(gm, "add")
+            name, _ = free_child_name(gm, "_generated_add")
     elif (
         match.act is not None and match.act.op == "call_module" and sites.get(match.act.target) == 1
     ):

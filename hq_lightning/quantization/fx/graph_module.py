@@ -47,7 +47,7 @@ import torch
 from torch import fx, nn
 from torch.fx.node import _get_qualified_name
 
-__all__ = ["QuantGraphModule", "build_graph_module", "ROOT_ATTR"]
+__all__ = ["QuantGraphModule", "add_generated_module", "build_graph_module", "free_child_name", "ROOT_ATTR"]
 
 #: The get_attr target a wrapped root method receives as ``self``.
 ROOT_ATTR = "_hq_root"
@@ -228,6 +228,34 @@ def _graph_module_class(root_class: type | None) -> type[QuantGraphModule]:
 def graph_calls_root_method(graph: fx.Graph) -> bool:
     """True when ``graph`` calls a wrapped method of the root (``get_attr("_hq_root")``)."""
     return any(n.op == "get_attr" and n.target == ROOT_ATTR for n in graph.nodes)
+
+
+def free_child_name(module: nn.Module, prefix: str, start: int = 0) -> tuple[str, int]:
+    """The first ``f"{prefix}_{i}"`` with ``i >= start`` that ``module`` has no attribute of, and ``i``."""
+    i = start
+    while hasattr(module, f"{prefix}_{i}"):
+        i += 1
+    return f"{prefix}_{i}", i
+
+
+def add_generated_module(
+    graph_module: nn.Module, prefix: str, child: nn.Module, owner_path: str, start: int = 0
+) -> tuple[str, int]:
+    """Add ``child`` under the first free ``<prefix>_<i>`` (``i >= start``) and record the path of
+    the module whose forward it stands in (``_hq_owner_path``, which decides its qconfig and survives
+    re-tracing). Returns the name and ``i``.
+
+    Example:
+        >>> gm = torch.nn.Module()
+        >>> add_generated_module(gm, "_generated_add", torch.nn.Identity(), "block")
+        ('_generated_add_0', 0)
+        >>> add_generated_module(gm, "_generated_add", torch.nn.Identity(), "block")[0], gm._generated_add_0._hq_owner_path
+        ('_generated_add_1', 'block')
+    """
+    name, i = free_child_name(graph_module, prefix, start)
+    child._hq_owner_path = owner_path
+    graph_module.add_module(name, child)
+    return name, i
 
 
 def build_graph_module(

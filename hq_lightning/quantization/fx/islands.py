@@ -58,6 +58,7 @@ from hq_lightning.march import get_march
 from hq_lightning.nn import qat
 from hq_lightning.quantization import ops
 from hq_lightning.quantization.fx import qat_mapping
+from hq_lightning.quantization.fx.graph_module import add_generated_module
 from hq_lightning.quantization.ops import OpKind
 from hq_lightning.utils import fx_helper
 
@@ -376,13 +377,8 @@ class _Pass:
 
     # --- insertion helpers -------------------------------------------------------------
     def _add_module(self, kind: str, module: nn.Module, owner: str) -> str:
-        i = self.counter[kind]
-        while hasattr(self.gm, f"_float_island_{kind}_{i}"):
-            i += 1
+        name, i = add_generated_module(self.gm, f"_float_island_{kind}", module, owner, self.counter[kind])
         self.counter[kind] = i + 1
-        name = f"_float_island_{kind}_{i}"
-        module._hq_owner_path = owner
-        self.gm.add_module(name, module)
         self.modules[name] = module
         return name
 
