@@ -38,16 +38,15 @@ Example:
 from __future__ import annotations
 
 import copy
-import operator
 from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import fx, nn
+from torch import fx
 
 from hq_lightning.dtype import QuantDType, as_dtype
 from hq_lightning.nn.quantized import DeQuantize, Quantize
+from hq_lightning.quantization.fx import qat_mapping
 from hq_lightning.utils.fx_helper import is_wrapped_callable
 
 __all__ = [
@@ -75,27 +74,6 @@ def check_float_boundary(value: Any, name: str) -> Any:
     return value
 
 
-# Ops that pass integers through with their scale (docs/integer-arithmetic.md, section 6).
-_SCALE_PRESERVING_MODULES = (
-    nn.ReLU,
-    nn.Identity,
-    nn.Dropout,
-    nn.Flatten,
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.MaxPool3d,
-)
-_SCALE_PRESERVING_METHODS = {
-    "flatten", "reshape", "view", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
-    "relu",
-}
-_SCALE_PRESERVING_FUNCTIONS = {
-    torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze,
-    torch.unsqueeze, torch.relu, F.relu, F.max_pool1d, F.max_pool2d, F.max_pool3d,
-    operator.getitem,
-}
-
-
 def _integer_qparams(node: fx.Node, model: fx.GraphModule) -> tuple[torch.Tensor, QuantDType] | None:
     """Per-tensor scale and dtype of an int8/int16 value of the converted graph, else ``None``.
 
@@ -117,13 +95,13 @@ def _integer_qparams(node: fx.Node, model: fx.GraphModule) -> tuple[torch.Tensor
                 if scale.numel() == 1 and dtype in (QuantDType.qint8, QuantDType.qint16):
                     return scale.detach().clone(), dtype
                 return None
-            if not isinstance(module, _SCALE_PRESERVING_MODULES):
+            if not qat_mapping.is_scale_preserving(module):  # the operator registry says
                 return None
         elif node.op == "call_method":
-            if node.target not in _SCALE_PRESERVING_METHODS:
+            if not qat_mapping.is_scale_preserving_method(node.target):
                 return None
         elif node.op == "call_function":
-            if node.target not in _SCALE_PRESERVING_FUNCTIONS:
+            if not qat_mapping.is_scale_preserving_function(node.target):
                 return None
         else:
             return None
