@@ -229,7 +229,7 @@ def parse_configs(text: str) -> list[tuple[int, int, int]]:
 
 
 def run(args: argparse.Namespace) -> str:
-    """Measure every configuration, print rows as they come, return the markdown report."""
+    """Measure every configuration, print rows to stderr as they come, return the markdown report."""
     set_march("bayes")
     variants = [v for v in args.variants.split(",") if v]
     if "float" not in variants:
@@ -251,7 +251,8 @@ def run(args: argparse.Namespace) -> str:
                 rows.append(row)
                 print(f"{size}x{size} b{batch} t{torch.get_num_threads()} {model_name:13s} {variant:24s} "
                       f"{seconds * 1e3:8.1f} ms / float {row[3]:.2f} (CPU {cpu_seconds * 1e3:8.1f} ms / float {row[5]:.2f})"
-                      + ("" if memory is None else f"  peak {memory / 2**20:8.1f} MiB / float {mem_ratio}"), flush=True)
+                      + ("" if memory is None else f"  peak {memory / 2**20:8.1f} MiB / float {mem_ratio}"),
+                      file=sys.stderr, flush=True)
                 summary.append((model_name, f"{size}x{size}", batch, torch.get_num_threads(), variant, row[3], row[5], mem_ratio))
         device = (torch.cuda.get_device_name() if args.device == "cuda"
                   else f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads")
@@ -287,12 +288,13 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"comma-separated, among {VARIANTS + COMPILED + BREAKDOWN}")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled variants")
     parser.add_argument("--no-memory", action="store_true")
-    parser.add_argument("--out", default=None, help="markdown file to write (default: print only)")
+    parser.add_argument("--out", default=None, help="markdown file to write (default: print it to stdout)")
     args = parser.parse_args(argv)
-    report = run(args)
-    print(report)
+    report = run(args)  # progress goes to stderr, so stdout holds the report alone
     if args.out:
         Path(args.out).write_text(report)
+    else:
+        print(report)
 
 
 if __name__ == "__main__":

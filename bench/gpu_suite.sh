@@ -10,7 +10,13 @@
 #   --device cpu runs every part at tiny sizes (ResNet-18 only, dynamo's eager backend): the smoke test
 #   of tests/test_gpu_suite.py, which proves the script works before a GPU is at hand.
 #   PYTHON=... picks the interpreter (default: .venv/bin/python if present, else python3).
-set -euo pipefail
+#   SECTION_LIMIT=... caps each part in seconds (default 150 on cuda): a GPU is lent for minutes, so
+#   one part that hangs or compiles for too long must not cost the others.
+#
+# The parts run cheapest first, and gpu.md is rewritten after each one, so a run stopped from outside
+# still leaves every finished part; a part that fails or runs out of time is reported with the end
+# of its log, and the suite goes on. The exit status is the first failing part's (0 when all pass).
+set -uo pipefail
 cd "$(dirname "$0")/.."
 
 DEVICE=cuda
@@ -32,62 +38,111 @@ WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 
 if [ "$DEVICE" = cuda ]; then
-  CONFIGS=224x224:64:0; STEPS=10; WARMUP=3; BACKEND=inductor; MODELS=resnet18,mobilenet_v2
+  CONFIGS=224x224:64:0; STEPS=10; WARMUP=3; BACKEND=inductor; MODELS="resnet18 mobilenet_v2"
   FQ_ARGS="--batch 64 --size 56 --repeats 20"; CONV_ARGS="--batch 64 --size 224 --repeats 10"
-  PYTEST_TARGETS="tests"
+  PYTEST_TARGETS="tests/test_gpu.py tests/test_nonfinite.py"; SECTION_LIMIT=${SECTION_LIMIT:-150}
 else
   # smoke sizes; the first two compiled steps compile (observers initialise their buffers on the
   # first, which recompiles once on the second), so two warm-up steps
-  CONFIGS=32x32:2:1; STEPS=2; WARMUP=2; BACKEND=eager; MODELS=resnet18
+  CONFIGS=32x32:2:1; STEPS=2; WARMUP=2; BACKEND=eager; MODELS="resnet18"
   FQ_ARGS="--batch 2 --size 8 --repeats 2"; CONV_ARGS="--batch 2 --size 32 --repeats 2 --models resnet18"
-  PYTEST_TARGETS="tests/test_gpu.py"
+  PYTEST_TARGETS="tests/test_gpu.py"; SECTION_LIMIT=${SECTION_LIMIT:-600}
 fi
 
 start=$(date +%s)
-section() { echo "== $1 ($(( $(date +%s) - start )) s)" >&2; }
+STATUS=0
+PARTS=()
+# run_part NAME FILE CMD...: runs CMD under the part's time limit, its stdout to FILE, its stderr to
+# the log (and to ours); a failure leaves the end of the log in FILE instead.
+run_part() {
+  local name="$1" file="$2"; shift 2
+  echo "== $name ($(( $(date +%s) - start )) s)" >&2
+  timeout --kill-after=10 "$SECTION_LIMIT" "$@" > "$file.out" 2> >(tee "$file.log" >&2)
+  local rc=$?
+  if [ $rc -eq 0 ]; then
+    mv "$file.out" "$file"
+  else
+    local why="exit status $rc"
+    [ $rc -eq 124 ] || [ $rc -eq 137 ] && why="stopped at the part's limit of ${SECTION_LIMIT} s"
+    { echo "**$name: not measured ($why).** The end of its log:"; echo; echo '```'
+      tail -n 20 "$file.log"; echo '```'; } > "$file"
+    [ $STATUS -ne 0 ] || STATUS=$rc
+  fi
+  PARTS+=("$file")
+  write_report
+}
 
-section "QAT step"
-"$PYTHON" bench/bench_qat_step.py --device "$DEVICE" --configs "$CONFIGS" --steps "$STEPS" --warmup "$WARMUP" \
-  --compile-backend "$BACKEND" --models "$MODELS" \
-  --variants "float,hq fuse_bn,torch.ao,float compiled,hq fuse_bn compiled,torch.ao compiled" \
-  --out "$WORK/qat_step.md" >&2
+part() {  # the part's markdown, or a line saying it has not run
+  if [ -f "$WORK/$1" ]; then cat "$WORK/$1"; else echo "_Not run: the suite stopped before this part._"; fi
+}
 
-section "fake quant vs copy"
-"$PYTHON" bench/gpu_checks.py fakequant --device "$DEVICE" --compile-backend "$BACKEND" $FQ_ARGS > "$WORK/fakequant.md"
+write_report() {
+  local elapsed=$(( $(date +%s) - start ))
+  {
+    echo "# GPU suite"
+    echo
+    echo "Written by \`bench/gpu_suite.sh --device $DEVICE\` after ${elapsed} s; $DEVICE_LINE."
+    echo "Ratios are against the float model on the same device (compiled variants: against \`float compiled\`)."
+    echo
+    echo "## 1. QAT step and peak memory ($CONFIGS as HxW:batch:threads, torchvision models, 10 classes)"
+    echo
+    echo "Eager:"
+    echo
+    part qat_eager.md
+    for model in $MODELS; do
+      echo
+      echo "Compiled ($BACKEND), $model:"
+      echo
+      part "qat_compiled_$model.md"
+    done
+    echo
+    echo "## 2. Fake quant forward + backward against a plain copy of the same tensor"
+    echo
+    part fakequant.md
+    echo
+    echo "## 3. Converted (integer) inference against float inference"
+    echo
+    part converted.md
+    echo
+    if [ -f "$WORK/pytest.txt" ]; then
+      echo "## 4. \`pytest -m gpu\` (exit status $PYTEST_RC)"
+      echo
+      echo '```'
+      tail -n 15 "$WORK/pytest.txt"
+      echo '```'
+    else
+      echo "## 4. \`pytest -m gpu\`"
+      echo
+      echo "_Not run: the suite stopped before this part._"
+    fi
+  } > "$REPORT.tmp" && mv "$REPORT.tmp" "$REPORT"
+}
 
-section "converted vs float"
-"$PYTHON" bench/gpu_checks.py converted --device "$DEVICE" $CONV_ARGS > "$WORK/converted.md"
+DEVICE_LINE=$("$PYTHON" -c 'import torch; print(f"torch {torch.__version__}, " + (torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"))' 2>&1 | tail -n 1)
+write_report
 
-section "pytest -m gpu"
-set +e
-"$PYTHON" -m pytest -q -m gpu -p no:cacheprovider $PYTEST_TARGETS > "$WORK/pytest.txt" 2>&1
+run_part "fake quant vs copy" "$WORK/fakequant.md" \
+  "$PYTHON" bench/gpu_checks.py fakequant --device "$DEVICE" --compile-backend "$BACKEND" $FQ_ARGS
+
+run_part "converted vs float" "$WORK/converted.md" \
+  "$PYTHON" bench/gpu_checks.py converted --device "$DEVICE" $CONV_ARGS
+
+echo "== pytest -m gpu ($(( $(date +%s) - start )) s)" >&2
+timeout --kill-after=10 "$SECTION_LIMIT" "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider $PYTEST_TARGETS \
+  > "$WORK/pytest.txt" 2>&1
 PYTEST_RC=$?
-set -e
-elapsed=$(( $(date +%s) - start ))
+tail -n 5 "$WORK/pytest.txt" >&2
+[ $STATUS -ne 0 ] || STATUS=$PYTEST_RC
+write_report
 
-{
-  echo "# GPU suite"
-  echo
-  echo "Written by \`bench/gpu_suite.sh --device $DEVICE\` in ${elapsed} s; $("$PYTHON" -c 'import torch; print(f"torch {torch.__version__}, " + (torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"))')."
-  echo "Ratios are against the float model on the same device (compiled variants: against \`float compiled\`)."
-  echo
-  echo "## 1. QAT step and peak memory ($CONFIGS as HxW:batch:threads, torchvision models, 10 classes)"
-  echo
-  cat "$WORK/qat_step.md"
-  echo
-  echo "## 2. Fake quant forward + backward against a plain copy of the same tensor"
-  echo
-  cat "$WORK/fakequant.md"
-  echo
-  echo "## 3. Converted (integer) inference against float inference"
-  echo
-  cat "$WORK/converted.md"
-  echo
-  echo "## 4. \`pytest -m gpu\` (exit status $PYTEST_RC)"
-  echo
-  echo '```'
-  tail -n 15 "$WORK/pytest.txt"
-  echo '```'
-} > "$REPORT"
-section "wrote $REPORT"
-exit $PYTEST_RC
+QAT=("$PYTHON" bench/bench_qat_step.py --device "$DEVICE" --configs "$CONFIGS" --steps "$STEPS" --warmup "$WARMUP"
+     --compile-backend "$BACKEND")
+run_part "QAT step, eager" "$WORK/qat_eager.md" \
+  "${QAT[@]}" --models "${MODELS// /,}" --variants "float,hq fuse_bn,torch.ao"
+for model in $MODELS; do
+  run_part "QAT step, compiled, $model" "$WORK/qat_compiled_$model.md" \
+    "${QAT[@]}" --models "$model" --variants "float compiled,hq fuse_bn compiled,torch.ao compiled"
+done
+
+echo "== wrote $REPORT ($(( $(date +%s) - start )) s)" >&2
+exit $STATUS

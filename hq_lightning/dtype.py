@@ -67,6 +67,8 @@ _TORCH = {
     QuantDType.qint32: torch.int32,
 }
 
+_BY_NAME = {member.value: member for member in QuantDType}
+
 
 def as_dtype(dtype: QuantDType | str) -> QuantDType:
     """Validate ``dtype`` (member or string such as ``"qint8"``) and return the member.
@@ -83,10 +85,11 @@ def as_dtype(dtype: QuantDType | str) -> QuantDType:
     else:
         name = dtype
     if isinstance(name, str):
-        key = name.strip().lower()
-        for member in QuantDType:
-            if key == member.value:
-                return member
+        # a dict lookup, not a loop over the enum: torch.compile before 2.12 cannot trace iterating
+        # an Enum class, and fake quant resolves its dtype string inside the compiled step
+        member = _BY_NAME.get(name.strip().lower())
+        if member is not None:
+            return member
     valid = ", ".join(repr(m.value) for m in QuantDType)
     raise ValueError(
         f"Expected `dtype` to be a QuantDType or one of the strings {valid}, but got {dtype!r}."
