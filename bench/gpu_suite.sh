@@ -6,9 +6,12 @@
 #   3. converted (integer) inference against float inference (bench/gpu_checks.py);
 #   4. `pytest -m gpu`.
 #
-# Usage: bench/gpu_suite.sh [--device cuda|cpu] [--out DIR]
+# Usage: bench/gpu_suite.sh [--device cuda|cpu] [--out DIR] [--parts LIST] [--compiled-models LIST]
 #   --device cpu runs every part at tiny sizes (ResNet-18 only, dynamo's eager backend): the smoke test
 #   of tests/test_gpu_suite.py, which proves the script works before a GPU is at hand.
+#   --parts picks parts (comma-separated; default all): fakequant, converted, pytest, eager, compiled.
+#   --compiled-models picks the models of the compiled part (comma-separated; default all), e.g. to
+#   finish one that ran out of time without paying again for the others.
 #   PYTHON=... picks the interpreter (default: .venv/bin/python if present, else python3).
 #   SECTION_LIMIT=... caps each part in seconds (default 150 on cuda): a GPU is lent for minutes, so
 #   one part that hangs or compiles for too long must not cost the others.
@@ -21,11 +24,16 @@ cd "$(dirname "$0")/.."
 
 DEVICE=cuda
 OUT=bench/results
+PARTS_WANTED=",fakequant,converted,pytest,eager,compiled,"
+COMPILED_MODELS=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --device) DEVICE="$2"; shift 2 ;;
     --out) OUT="$2"; shift 2 ;;
-    *) echo "Expected --device cuda|cpu or --out DIR, but got '$1'." >&2; exit 2 ;;
+    --parts) PARTS_WANTED=",$2,"; shift 2 ;;
+    --compiled-models) COMPILED_MODELS="${2//,/ }"; shift 2 ;;
+    *) echo "Expected --device cuda|cpu, --out DIR, --parts LIST or --compiled-models LIST, but got '$1'." >&2
+       exit 2 ;;
   esac
 done
 if [ -z "${PYTHON:-}" ]; then
@@ -48,6 +56,18 @@ else
   FQ_ARGS="--batch 2 --size 8 --repeats 2"; CONV_ARGS="--batch 2 --size 32 --repeats 2 --models resnet18"
   PYTEST_TARGETS="tests/test_gpu.py"; SECTION_LIMIT=${SECTION_LIMIT:-600}
 fi
+
+COMPILED_MODELS=${COMPILED_MODELS:-$MODELS}
+for part in ${PARTS_WANTED//,/ }; do
+  case ",fakequant,converted,pytest,eager,compiled," in
+    *",$part,"*) ;;
+    *) echo "Expected --parts among fakequant, converted, pytest, eager, compiled, but got '$part'." >&2; exit 2 ;;
+  esac
+done
+wanted() { [[ "$PARTS_WANTED" == *",$1,"* ]]; }
+# compiled variants run one per process, each under its own limit; the float model compiles in each
+# (inductor's on-disk cache makes the second compile of the same graph a lookup)
+COMPILED_VARIANTS=("hq fuse_bn compiled" "torch.ao compiled")
 
 start=$(date +%s)
 STATUS=0
@@ -72,8 +92,10 @@ run_part() {
   write_report
 }
 
-part() {  # the part's markdown, or a line saying it has not run
-  if [ -f "$WORK/$1" ]; then cat "$WORK/$1"; else echo "_Not run: the suite stopped before this part._"; fi
+part() {  # the part's markdown, or a line saying why it has not run
+  if [ -f "$WORK/$1" ]; then cat "$WORK/$1"
+  elif wanted "$2"; then echo "_Not run: the suite stopped before this part._"
+  else echo "_Not run in this call (--parts / --compiled-models)._"; fi
 }
 
 write_report() {
@@ -88,21 +110,24 @@ write_report() {
     echo
     echo "Eager:"
     echo
-    part qat_eager.md
+    part qat_eager.md eager
     for model in $MODELS; do
-      echo
-      echo "Compiled ($BACKEND), $model:"
-      echo
-      part "qat_compiled_$model.md"
+      for variant in "${COMPILED_VARIANTS[@]}"; do
+        echo
+        echo "Compiled ($BACKEND), $model, $variant:"
+        echo
+        if [[ " $COMPILED_MODELS " == *" $model "* ]]; then part "qat_compiled_${model}_${variant%% *}.md" compiled
+        else part "-" "-"; fi
+      done
     done
     echo
     echo "## 2. Fake quant forward + backward against a plain copy of the same tensor"
     echo
-    part fakequant.md
+    part fakequant.md fakequant
     echo
     echo "## 3. Converted (integer) inference against float inference"
     echo
-    part converted.md
+    part converted.md converted
     echo
     if [ -f "$WORK/pytest.txt" ]; then
       echo "## 4. \`pytest -m gpu\` (exit status $PYTEST_RC)"
@@ -113,7 +138,7 @@ write_report() {
     else
       echo "## 4. \`pytest -m gpu\`"
       echo
-      echo "_Not run: the suite stopped before this part._"
+      part - pytest
     fi
   } > "$REPORT.tmp" && mv "$REPORT.tmp" "$REPORT"
 }
@@ -121,28 +146,34 @@ write_report() {
 DEVICE_LINE=$("$PYTHON" -c 'import torch; print(f"torch {torch.__version__}, " + (torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"))' 2>&1 | tail -n 1)
 write_report
 
-run_part "fake quant vs copy" "$WORK/fakequant.md" \
+wanted fakequant && run_part "fake quant vs copy" "$WORK/fakequant.md" \
   "$PYTHON" bench/gpu_checks.py fakequant --device "$DEVICE" --compile-backend "$BACKEND" $FQ_ARGS
 
-run_part "converted vs float" "$WORK/converted.md" \
+wanted converted && run_part "converted vs float" "$WORK/converted.md" \
   "$PYTHON" bench/gpu_checks.py converted --device "$DEVICE" $CONV_ARGS
 
-echo "== pytest -m gpu ($(( $(date +%s) - start )) s)" >&2
-timeout --kill-after=10 "$SECTION_LIMIT" "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider $PYTEST_TARGETS \
-  > "$WORK/pytest.txt" 2>&1
-PYTEST_RC=$?
-tail -n 5 "$WORK/pytest.txt" >&2
-[ $STATUS -ne 0 ] || STATUS=$PYTEST_RC
-write_report
+if wanted pytest; then
+  echo "== pytest -m gpu ($(( $(date +%s) - start )) s)" >&2
+  timeout --kill-after=10 "$SECTION_LIMIT" "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider $PYTEST_TARGETS \
+    > "$WORK/pytest.txt" 2>&1
+  PYTEST_RC=$?
+  tail -n 5 "$WORK/pytest.txt" >&2
+  [ $STATUS -ne 0 ] || STATUS=$PYTEST_RC
+  write_report
+fi
 
 QAT=("$PYTHON" bench/bench_qat_step.py --device "$DEVICE" --configs "$CONFIGS" --steps "$STEPS" --warmup "$WARMUP"
      --compile-backend "$BACKEND")
-run_part "QAT step, eager" "$WORK/qat_eager.md" \
+wanted eager && run_part "QAT step, eager" "$WORK/qat_eager.md" \
   "${QAT[@]}" --models "${MODELS// /,}" --variants "float,hq fuse_bn,torch.ao"
-for model in $MODELS; do
-  run_part "QAT step, compiled, $model" "$WORK/qat_compiled_$model.md" \
-    "${QAT[@]}" --models "$model" --variants "float compiled,hq fuse_bn compiled,torch.ao compiled"
-done
+if wanted compiled; then
+  for model in $COMPILED_MODELS; do
+    for variant in "${COMPILED_VARIANTS[@]}"; do
+      run_part "QAT step, compiled, $model, $variant" "$WORK/qat_compiled_${model}_${variant%% *}.md" \
+        "${QAT[@]}" --models "$model" --variants "float compiled,$variant"
+    done
+  done
+fi
 
 echo "== wrote $REPORT ($(( $(date +%s) - start )) s)" >&2
 exit $STATUS

@@ -115,9 +115,11 @@ class _PlainFakeQuantize(torch.autograd.Function):
                 ctx.recompute_mask = ctx.recompute_product = True
                 ctx.save_for_backward(*product, inv_scale)
             else:
-                # one op fewer than an in-range test; eq_ on floats is vectorised, eq into bool is not
+                # one op fewer than an in-range test; on CPU eq_ on floats is vectorised and eq into
+                # bool is not, elsewhere eq into bool is one kernel where eq_ + to are two
                 clamped = torch.clamp(q, qmin, qmax)
-                ctx.save_for_backward(q.eq_(clamped).to(torch.bool))
+                on_cpu = q.device.type == "cpu"
+                ctx.save_for_backward(q.eq_(clamped).to(torch.bool) if on_cpu else torch.eq(q, clamped))
                 clamped.mul_(scale)
                 return clamped if x.dtype == torch.float32 else clamped.to(x.dtype)
         q.clamp_(qmin, qmax).mul_(scale)
@@ -346,11 +348,11 @@ class FakeQuantize(WithArgsMixin, nn.Module):
 
     def _update_scale(self) -> None:
         self.__dict__["_scale_stale"] = False
-        scale, zero_point = self.calculate_qparams()
+        scale = self.activation_post_process.calculate_scale(self.march)
         buffers = self._buffers
         if scale.shape != buffers["scale"].shape:
             buffers["scale"] = torch.empty_like(scale)
-            buffers["zero_point"] = zero_point.clone()  # symmetric: always zeros, copied once
+            buffers["zero_point"] = torch.zeros_like(scale, dtype=torch.int32)  # symmetric: set once
         buffers["scale"].copy_(scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

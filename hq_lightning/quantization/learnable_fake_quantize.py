@@ -213,7 +213,7 @@ class LearnableFakeQuantize(FakeQuantize):
         if last.shape != data.shape or last.device != data.device:  # seeded, resized or moved
             last = self._buffers["_last_good_scale"] = torch.ones_like(data)
         finite = torch.isfinite(data)
-        record_nonfinite(self, finite.all(), torch.isnan(data).any())
+        record_nonfinite(self, finite.logical_not().any(), torch.isnan(data).any())
         data.copy_(torch.where(finite, data.clamp_min(SCALE_EPS), last))
         last.copy_(data)
         return param

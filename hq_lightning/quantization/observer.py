@@ -53,7 +53,11 @@ from torch import nn
 from hq_lightning.dtype import QuantDType, as_dtype, qinfo
 from hq_lightning.march import March, get_march, uses_power_of_two_scales
 from hq_lightning.quantization.factory import WithArgsMixin
-from hq_lightning.quantization.nonfinite import record_nonfinite, register_nonfinite
+from hq_lightning.quantization.nonfinite import (
+    nonfinite_flags,
+    record_nonfinite,
+    register_nonfinite,
+)
 from hq_lightning.quantization.qparams import compute_scale, snap_power_of_two
 from hq_lightning.quantization.sync import (
     check_sync_mode,
@@ -94,12 +98,6 @@ def _host_reads_are_free(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and not torch.compiler.is_compiling() and not is_distributed()
 
 
-def _finite_and_nan(min_val: torch.Tensor, max_val: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """0-d bool tensors: all of ``min_val``/``max_val`` finite; any NaN (NaN propagates through min/max)."""
-    finite = torch.isfinite(min_val).all() & torch.isfinite(max_val).all()
-    return finite, torch.isnan(min_val).any() | torch.isnan(max_val).any()
-
-
 def _check_floating(x: torch.Tensor, where: str) -> None:
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
@@ -138,11 +136,16 @@ class ObserverBase(WithArgsMixin, nn.Module):
         """Symmetric range ``amax`` (shape ``[1]`` per tensor, ``[C]`` per channel)."""
         raise NotImplementedError
 
+    def calculate_scale(self, march: March | str | None = None) -> torch.Tensor:
+        """The scale for ``march`` (``None``: the global march) alone: what a ``FakeQuantize``
+        recomputes after every observed batch."""
+        return compute_scale(self.calculate_amax(), self.dtype, march)
+
     def calculate_qparams(
         self, march: March | str | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scale, zero_point)`` for ``march`` (``None``: the global march); zero point is 0."""
-        scale = compute_scale(self.calculate_amax(), self.dtype, march)
+        scale = self.calculate_scale(march)
         return scale, torch.zeros_like(scale, dtype=torch.int32)
 
     def _require_data(self) -> None:
@@ -212,23 +215,28 @@ class _MovingAverageMinMax(ObserverBase):
             else:
                 ok = bool(torch.isfinite(cur_min).all()) and bool(torch.isfinite(cur_max).all())
             if not ok:
-                record_nonfinite(self, *_finite_and_nan(cur_min, cur_max))
-            finite = None if ok else torch.tensor(False)
+                record_nonfinite(self, *nonfinite_flags(cur_min, cur_max))
+            bad = None if ok else torch.tensor(True)
         else:  # the same decision as a device tensor
-            finite, nan = _finite_and_nan(cur_min, cur_max)
-            record_nonfinite(self, finite, nan)
+            bad, nan = nonfinite_flags(cur_min, cur_max)
+            record_nonfinite(self, bad, nan)
             if is_distributed():  # all ranks decide on the same reduced statistics
                 cur_min, cur_max = reduce_min_max(cur_min, cur_max, self.sync)
-                finite = _finite_and_nan(cur_min, cur_max)[0]
+                bad = nonfinite_flags(cur_min, cur_max)[0]
         cur_min, cur_max = self._clip(cur_min, cur_max)
-        self._update(cur_min, cur_max, finite)
+        self._update(cur_min, cur_max, bad)
         return x
 
-    def _update(self, cur_min: torch.Tensor, cur_max: torch.Tensor, finite: torch.Tensor | None) -> None:
-        """Moving average; with ``finite`` (0-d bool tensor) the batch counts only where it is True."""
+    def _update(self, cur_min: torch.Tensor, cur_max: torch.Tensor, bad: torch.Tensor | None) -> None:
+        """Moving average; with ``bad`` (0-d bool tensor) the batch counts only where it is False.
+
+        Min and max update together through ``torch._foreach_*`` (one kernel each for both on a
+        GPU, where the small ops of an observer are launch-bound); each element is computed as
+        ``v + c * (current - v)`` either way, so the bits are those of the per-tensor ops.
+        """
         if not self.initialized:
-            if finite is not None:  # a non-finite first batch leaves the range at 0
-                cur_min, cur_max = torch.where(finite, cur_min, 0.0), torch.where(finite, cur_max, 0.0)
+            if bad is not None:  # a non-finite first batch leaves the range at 0
+                cur_min, cur_max = torch.where(bad, 0.0, cur_min), torch.where(bad, 0.0, cur_max)
             self._buffers["min_val"] = cur_min.clone()
             self._buffers["max_val"] = cur_max.clone()
             return
@@ -241,15 +249,15 @@ class _MovingAverageMinMax(ObserverBase):
         c = self.averaging_constant
         if c == 0.0:  # c == 0 adds 0 to a finite value: nothing changes
             return
-        # c == 1: c * d == d, skip the multiply (same bits)
-        step_min = cur_min - self.min_val if c == 1.0 else c * (cur_min - self.min_val)
-        step_max = cur_max - self.max_val if c == 1.0 else c * (cur_max - self.max_val)
-        if finite is None:
-            self.min_val.add_(step_min)
-            self.max_val.add_(step_max)
+        ranges = [self.min_val, self.max_val]
+        steps = torch._foreach_sub([cur_min, cur_max], ranges)
+        if c != 1.0:  # c == 1: c * d == d, skip the multiply (same bits)
+            torch._foreach_mul_(steps, c)
+        if bad is None:
+            torch._foreach_add_(ranges, steps)
         else:
-            self.min_val.copy_(torch.where(finite, self.min_val + step_min, self.min_val))
-            self.max_val.copy_(torch.where(finite, self.max_val + step_max, self.max_val))
+            for value, updated in zip(ranges, torch._foreach_add(ranges, steps)):
+                torch.where(bad, value, updated, out=value)  # in place: one kernel, not where + copy
 
     def _clip(self, cur_min, cur_max):
         return cur_min, cur_max
@@ -257,6 +265,12 @@ class _MovingAverageMinMax(ObserverBase):
     def calculate_amax(self) -> torch.Tensor:
         self._require_data()
         return torch.maximum(-self.min_val, self.max_val).clamp_min(0.0)
+
+    def calculate_scale(self, march: March | str | None = None) -> torch.Tensor:
+        self._require_data()
+        # compute_scale floors at eps what it divides, so a negative amax needs no clamp first
+        # (the same bits as calculate_amax()'s, one small op less per observed batch)
+        return compute_scale(torch.maximum(-self.min_val, self.max_val), self.dtype, march)
 
     def extra_repr(self) -> str:
         return f"averaging_constant={self.averaging_constant}, dtype={self.dtype.value}"
@@ -399,11 +413,11 @@ class FixedScaleObserver(ObserverBase):
         info = qinfo(self.dtype)
         return self.scale * ((info.max - info.min) / 2.0)
 
-    def calculate_qparams(self, march=None):
+    def calculate_scale(self, march=None):
         scale = self.scale.clone()
         if uses_power_of_two_scales(get_march() if march is None else march):
             scale = snap_power_of_two(scale)
-        return scale, torch.zeros_like(scale, dtype=torch.int32)
+        return scale
 
     def extra_repr(self) -> str:
         return f"scale={self.scale.item()}, dtype={self.dtype.value}"
@@ -530,9 +544,9 @@ class _HistogramObserver(ObserverBase):
             return x
         ax = x.detach().float().abs().flatten()
         batch_amax = ax.max().reshape(1)
-        finite, nan = _finite_and_nan(batch_amax, batch_amax)
-        record_nonfinite(self, finite, nan)
-        if not bool(finite):  # skipped (this observer reads its range on the host anyway)
+        bad, nan = nonfinite_flags(batch_amax)
+        record_nonfinite(self, bad, nan)
+        if bool(bad):  # skipped (this observer reads its range on the host anyway)
             ax, batch_amax = ax[:0], torch.zeros_like(batch_amax)  # ranks still join the reductions
         batch_amax = reduce_max(batch_amax, self.sync)
         # the float32 exponent field of |x| (sign bit 0) is its power-of-two octave

@@ -8,7 +8,11 @@ from torch import Tensor, nn
 from hq_lightning.dtype import QuantDType, torch_dtype
 from hq_lightning.functional.integer import dequantize, quantize, quantize_multiplier, requantize
 from hq_lightning.nn.quantized._common import activation_dtype, bounds, scale_tensor
-from hq_lightning.quantization.nonfinite import record_nonfinite, register_nonfinite
+from hq_lightning.quantization.nonfinite import (
+    nonfinite_flags,
+    record_nonfinite,
+    register_nonfinite,
+)
 
 __all__ = ["Quantize", "DeQuantize"]
 
@@ -67,8 +71,7 @@ class Quantize(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.is_floating_point():
             if x.numel() and not _exporting():  # an exported graph only computes
-                finite = torch.isfinite(x).all()
-                record_nonfinite(self, finite, torch.isnan(x).any())
+                record_nonfinite(self, *nonfinite_flags(x))
             return quantize(x, self.scale, self.dtype)
         if self.input_scale is None:
             raise TypeError(
