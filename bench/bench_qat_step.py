@@ -3,7 +3,9 @@
 One step = forward, cross-entropy loss, backward, SGD (momentum) update. For each model and each
 configuration (input size, batch, intra-op threads) we time the median of repeated steps in one
 process, the steps of all variants interleaved round-robin, so that load on a shared machine
-drifts over all variants alike and the ratios stay comparable:
+drifts over all variants alike and the ratios stay comparable (``--schedule blocked`` runs each
+variant's steps back to back instead, as a training run does: interleaving makes each step start
+from the other model's allocator and cache state, which costs the step that allocates more):
 
 - ``float``: the float model;
 - ``hq fuse_bn``: ``prepare_qat_fx(model, {"": default_qat_8bit_fake_quant_qconfig})``;
@@ -148,7 +150,7 @@ def inputs(batch: int, size: int, num_classes: int, device: str):
 
 def measure_variants(model_name, variants, size, batch, args) -> dict[str, tuple[float, float, int | None]]:
     """(median wall seconds, median CPU seconds, peak step bytes) of each variant; timed steps
-    interleave round-robin so that load on a shared machine drifts over all variants alike."""
+    interleave round-robin (``--schedule interleaved``) or run back to back per variant."""
     x, target = inputs(batch, size, args.num_classes, args.device)
     torch.manual_seed(0)
     model = float_model(args.source, model_name, args.num_classes)
@@ -158,12 +160,15 @@ def measure_variants(model_name, variants, size, batch, args) -> dict[str, tuple
             step(x, target)
     times: dict[str, list[float]] = {v: [] for v in variants}
     cpu_times: dict[str, list[float]] = {v: [] for v in variants}
-    for _ in range(args.steps):
-        for variant, step in steps.items():
-            start, cpu_start = time.perf_counter(), time.process_time()
-            step(x, target)
-            times[variant].append(time.perf_counter() - start)
-            cpu_times[variant].append(time.process_time() - cpu_start)
+    if args.schedule == "interleaved":
+        order = [v for _ in range(args.steps) for v in variants]
+    else:  # each variant's steps back to back, as in a training run
+        order = [v for v in variants for _ in range(args.steps)]
+    for variant in order:
+        start, cpu_start = time.perf_counter(), time.process_time()
+        steps[variant](x, target)
+        times[variant].append(time.perf_counter() - start)
+        cpu_times[variant].append(time.process_time() - cpu_start)
     results = {}
     for variant, step in steps.items():
         memory = None
@@ -258,7 +263,7 @@ def run(args: argparse.Namespace) -> str:
                   else f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads")
         lines = [
             f"device: {device}; torch {torch.__version__}; input {size}x{size}, batch {batch}; "
-            f"{args.steps} timed steps after {args.warmup} warm-up steps; compiled variants relative to "
+            f"{args.steps} timed steps ({args.schedule}) after {args.warmup} warm-up steps; compiled variants relative to "
             "`float compiled`",
             "",
             "| model | variant | wall step (ms, median) | / float | CPU step (ms, median) | / float | peak step memory (MiB) | / float |",
@@ -287,6 +292,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"comma-separated, among {VARIANTS + COMPILED + BREAKDOWN}")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled variants")
+    parser.add_argument("--schedule", default="interleaved", choices=("interleaved", "blocked"),
+                        help="interleaved: one step of each variant in turn (load drifts over all alike); "
+                             "blocked: each variant's steps back to back (the allocator and caches as in training)")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--out", default=None, help="markdown file to write (default: print it to stdout)")
     args = parser.parse_args(argv)

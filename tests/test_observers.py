@@ -182,8 +182,8 @@ def test_nan_and_inf_batches_are_skipped_counted_and_reported(make):
 
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_device_path_equals_the_host_path(per_channel, monkeypatch):
-    """The tensor-only decision (compiled, CUDA, distributed) gives the same statistics and counts
-    as the eager CPU one that reads two scalars."""
+    """The tensor-only decision (CUDA, distributed: foreach updates; compiled: per-tensor ops) gives
+    the same statistics and counts as the eager CPU one that reads two scalars."""
     import hq_lightning.quantization.observer as observer_module
 
     g = torch.Generator().manual_seed(0)
@@ -191,15 +191,19 @@ def test_device_path_equals_the_host_path(per_channel, monkeypatch):
     batches[0][0, 0] = float("nan")  # a non-finite first batch leaves the range at 0
     batches[3][1, 2] = float("inf")
     results = []
-    for host in (True, False):
-        monkeypatch.setattr(observer_module, "_host_reads_are_free", lambda x, host=host: host)
+    for path in ("host", "device", "compiled"):  # compiled: per-tensor ops where eager uses foreach
+        monkeypatch.setattr(observer_module, "_host_reads_are_free", lambda x, host=path == "host": host)
         obs = (MovingAveragePerChannelMinMaxObserver(ch_axis=1, averaging_constant=0.5) if per_channel
                else MovingAveragePerTensorMinMaxObserver(averaging_constant=0.5))
-        for x in batches:
-            obs(x)
+        obs(batches[0])
+        observe = torch.compile(obs, fullgraph=True, backend="aot_eager") if path == "compiled" else obs
+        for x in batches[1:]:
+            observe(x)
         results.append((obs.min_val.clone(), obs.max_val.clone(), check_nonfinite(obs, action="ignore")))
-    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
-    assert results[0][2] == results[1][2] == {"": (2, 1)}
+    for other in results[1:]:
+        assert torch.equal(results[0][0], other[0]) and torch.equal(results[0][1], other[1])
+        assert other[2] == {"": (2, 1)}
+    assert results[0][2] == {"": (2, 1)}
 
 
 @pytest.mark.parametrize("make", ALL_OBSERVERS)
