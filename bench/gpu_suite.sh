@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU suite (issue 15): one command, under 5 minutes on one GPU, writes <out>/gpu.md with
+# The GPU suite (issue 15): one command, about 6 minutes on one H200 (each part capped by
+# SECTION_LIMIT; MobileNetV2's compiled parts outrun 150-170 s there), writes <out>/gpu.md with
 #   1. QAT step / float step and peak memory ratios at 224x224, batch 64, torchvision ResNet-18 and
 #      MobileNetV2: hq and torch.ao side by side, eager and compiled (bench/bench_qat_step.py);
 #   2. fake quant forward + backward against a plain copy of the same tensor (bench/gpu_checks.py);
