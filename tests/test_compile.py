@@ -143,3 +143,26 @@ def test_inductor_fake_quant_matches_eager_bit_for_bit(per_channel):
     # a NaN / inf incoming gradient where the mask is 0 (NaN input; code 128) gives NaN, as grad * 0
     assert torch.isnan(g_comp.view(-1)[[0, 5, 11]]).all()
     assert g_comp.view(-1)[12] == 0 and g_comp.view(-1)[3] == grad.view(-1)[3]  # +inf: 0; code 127: grad
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_compiled_fake_quant_keeps_its_gradient(backend):
+    """torch.compile before 2.12 dropped the custom backward of a Function whose float32 output
+    went through a no-op ``.to()``: every gradient through a fake quant was 0 (seen on 2.11)."""
+    torch._dynamo.reset()
+    from hq_lightning.quantization.fake_quantize import fake_quantize
+
+    leaf = torch.randn(3, 5, requires_grad=True)
+    grad = torch.randn(3, 5)
+
+    def run(fn):
+        leaf.grad = None
+        fn(leaf * 1.0).backward(grad)
+        return leaf.grad.clone()
+
+    def fq(x):
+        return fake_quantize(x, torch.tensor([0.05]), "qint8")
+
+    expected = run(fq)
+    assert torch.equal(run(torch.compile(fq, backend=backend, fullgraph=True)), expected)
+    assert expected.abs().sum() > 0

@@ -176,7 +176,10 @@ class _TracedFakeQuantize(torch.autograd.Function):
         clamped = torch.clamp(q, qmin, qmax)
         ctx.save_for_backward(x, inv_scale)
         ctx.qrange = (qmin, qmax)
-        return torch.mul(clamped, scale).to(x.dtype)
+        out = torch.mul(clamped, scale)
+        # no `.to()` for float32: torch.compile before 2.12 drops the custom backward of a Function
+        # whose output went through a no-op `.to()` (zero gradients, seen on torch 2.11)
+        return out if x.dtype == torch.float32 else out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
