@@ -31,30 +31,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 import torchvision  # noqa: E402
+from bench_qat_step import Stubbed  # noqa: E402
 from torch import nn  # noqa: E402
 
 from hq_lightning.march import set_march  # noqa: E402
 from hq_lightning.quantization import (  # noqa: E402
-    DeQuantStub,
     FakeQuantState,
-    QuantStub,
     convert_fx,
     prepare_qat_fx,
     set_fake_quantize,
 )
 from hq_lightning.quantization.qconfig import default_qat_8bit_fake_quant_qconfig  # noqa: E402
-
-
-class Stubbed(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.quant, self.model, self.dequant = QuantStub(), model, DeQuantStub()
-
-    def forward(self, x):
-        return self.dequant(self.model(self.quant(x)))
 
 
 def build(name: str) -> nn.Module:

@@ -25,6 +25,23 @@ from hq_lightning.quantization.stubs import DeQuantStub, QuantStub
 __all__ = ["BasicBlock", "InvertedResidual", "MobileNetV2", "ResNet18", "mobilenet_v2", "resnet18"]
 
 
+class Stubbed(nn.Module):
+    """``QuantStub -> model -> DeQuantStub``, the dequant on every tensor the model returns (a dict,
+    a tuple or a list too): how a user marks a torchvision model's quantized part."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.quant, self.model, self.dequant = QuantStub(), model, DeQuantStub()
+
+    def forward(self, x: torch.Tensor):
+        out = self.model(self.quant(x))
+        if isinstance(out, dict):
+            return {k: self.dequant(v) for k, v in out.items()}
+        if isinstance(out, (tuple, list)):
+            return tuple(self.dequant(v) for v in out)
+        return self.dequant(out)
+
+
 def _spread_batch_norm_affine(model: nn.Module) -> None:
     # non-trivial BN weight and bias so that BN folding is exercised by tests
     for m in model.modules():

@@ -17,17 +17,9 @@ from hq_lightning.march import March, march_context
 from hq_lightning.qconfig import default_qat_8bit_fake_quant_qconfig
 from hq_lightning.quantization import DeQuantStub, FakeQuantize, QuantStub, prepare_qat_fx
 from hq_lightning.quantization.nonfinite import check_nonfinite
+from tests.models import Stubbed
 
 torchvision = pytest.importorskip("torchvision")
-
-
-class Stubbed(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.quant, self.model, self.dequant = QuantStub(), model, DeQuantStub()
-
-    def forward(self, x):
-        return self.dequant(self.model(self.quant(x)))
 
 
 def _prepared(name):

@@ -20,9 +20,7 @@ from torch import nn
 
 from hq_lightning.march import March, march_context
 from hq_lightning.quantization import (
-    DeQuantStub,
     FakeQuantState,
-    QuantStub,
     convert_fx,
     prepare_qat_fx,
     set_fake_quantize,
@@ -31,6 +29,7 @@ from hq_lightning.quantization.fx.integer_validation import fake_quant_path
 from hq_lightning.quantization.fx.islands import float_islands
 from hq_lightning.quantization.ops import lookup_module
 from hq_lightning.quantization.qconfig import default_qat_8bit_fake_quant_qconfig
+from tests.models import Stubbed
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -45,15 +44,6 @@ MODELS = {
     "vit_b_16": ({"image_size": 32}, None),
     "swin_t": ({}, None),
 }
-
-
-class Stubbed(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.quant, self.model, self.dequant = QuantStub(), model, DeQuantStub()
-
-    def forward(self, x):
-        return self.dequant(self.model(self.quant(x)))
 
 
 def _params(name):

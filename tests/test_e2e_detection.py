@@ -34,6 +34,7 @@ from hq_lightning.quantization import (
 from hq_lightning.quantization.fx.integer_validation import fake_quant_path
 from hq_lightning.quantization.qconfig import default_qat_8bit_fake_quant_qconfig as QC
 from hq_lightning.utils.fx_helper import wrap
+from tests.models import Stubbed
 
 torchvision = pytest.importorskip("torchvision")
 pytestmark = pytest.mark.slow
@@ -61,22 +62,6 @@ MOBILENET_V3_OPS = {"nn.Hardswish": nn.Hardswish(), "nn.Hardsigmoid": nn.Hardsig
 def pending(candidates: dict[str, nn.Module]) -> set[str]:
     """The candidate ops that still run as float islands."""
     return {name for name, module in candidates.items() if not has_integer_form(module)}
-
-
-class Stubbed(nn.Module):
-    """QuantStub in front of a model, a DeQuantStub on every tensor it returns (dicts too)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.quant, self.dequant, self.model = QuantStub(), DeQuantStub(), model
-
-    def forward(self, x):
-        out = self.model(self.quant(x))
-        if isinstance(out, dict):
-            return {k: self.dequant(v) for k, v in out.items()}
-        if isinstance(out, (tuple, list)):
-            return tuple(self.dequant(v) for v in out)
-        return self.dequant(out)
 
 
 def _dequantized(converted, prepared, inputs):

@@ -39,20 +39,9 @@ from hq_lightning.quantization.fx.integer_validation import (
 )
 from hq_lightning.quantization.qconfig import default_qat_8bit_fake_quant_qconfig
 from tests.calibrate import calibrated
-from tests.models import mobilenet_v2, resnet18
+from tests.models import Stubbed, mobilenet_v2, resnet18
 
 QAT8 = default_qat_8bit_fake_quant_qconfig
-
-
-class Stubbed(nn.Module):
-    """QuantStub -> model -> DeQuantStub."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.quant, self.model, self.dequant = QuantStub(), model, DeQuantStub()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dequant(self.model(self.quant(x)))
 
 
 def _batches(count: int, shape: tuple[int, ...], seed: int = 0) -> list[torch.Tensor]:
