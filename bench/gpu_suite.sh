@@ -8,11 +8,13 @@
 #   4. `pytest -m gpu`.
 #
 # Usage: bench/gpu_suite.sh [--device cuda|cpu] [--out DIR] [--parts LIST] [--compiled-models LIST]
+#                           [--compiled-variants LIST]
 #   --device cpu runs every part at tiny sizes (ResNet-18 only, dynamo's eager backend): the smoke test
 #   of tests/test_gpu_suite.py, which proves the script works before a GPU is at hand.
 #   --parts picks parts (comma-separated; default all): fakequant, converted, pytest, eager, compiled.
 #   --compiled-models picks the models of the compiled part (comma-separated; default all), e.g. to
 #   finish one that ran out of time without paying again for the others.
+#   --compiled-variants picks the variants of the compiled part the same way: hq, torch.ao.
 #   PYTHON=... picks the interpreter (default: .venv/bin/python if present, else python3).
 #   SECTION_LIMIT=... caps each part in seconds (default 150 on cuda): a GPU is lent for minutes, so
 #   one part that hangs or compiles for too long must not cost the others.
@@ -27,13 +29,15 @@ DEVICE=cuda
 OUT=bench/results
 PARTS_WANTED=",fakequant,converted,pytest,eager,compiled,"
 COMPILED_MODELS=""
+COMPILED_KINDS=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --device) DEVICE="$2"; shift 2 ;;
     --out) OUT="$2"; shift 2 ;;
     --parts) PARTS_WANTED=",$2,"; shift 2 ;;
     --compiled-models) COMPILED_MODELS="${2//,/ }"; shift 2 ;;
-    *) echo "Expected --device cuda|cpu, --out DIR, --parts LIST or --compiled-models LIST, but got '$1'." >&2
+    --compiled-variants) COMPILED_KINDS="${2//,/ }"; shift 2 ;;
+    *) echo "Expected --device cuda|cpu, --out DIR, --parts LIST, --compiled-models LIST or --compiled-variants LIST, but got '$1'." >&2
        exit 2 ;;
   esac
 done
@@ -51,8 +55,7 @@ if [ "$DEVICE" = cuda ]; then
   FQ_ARGS="--batch 64 --size 56 --repeats 20"; CONV_ARGS="--batch 64 --size 224 --repeats 10"
   PYTEST_TARGETS="tests/test_gpu.py tests/test_nonfinite.py"; SECTION_LIMIT=${SECTION_LIMIT:-150}
 else
-  # smoke sizes; the first two compiled steps compile (observers initialise their buffers on the
-  # first, which recompiles once on the second), so two warm-up steps
+  # smoke sizes
   CONFIGS=32x32:2:1; STEPS=2; WARMUP=2; BACKEND=eager; MODELS="resnet18"
   FQ_ARGS="--batch 2 --size 8 --repeats 2"; CONV_ARGS="--batch 2 --size 32 --repeats 2 --models resnet18"
   PYTEST_TARGETS="tests/test_gpu.py"; SECTION_LIMIT=${SECTION_LIMIT:-600}
@@ -69,6 +72,13 @@ wanted() { [[ "$PARTS_WANTED" == *",$1,"* ]]; }
 # compiled variants run one per process, each under its own limit; the float model compiles in each
 # (inductor's on-disk cache makes the second compile of the same graph a lookup)
 COMPILED_VARIANTS=("hq fuse_bn compiled" "torch.ao compiled")
+COMPILED_KINDS=${COMPILED_KINDS:-hq torch.ao}
+for kind in $COMPILED_KINDS; do
+  case "$kind" in hq|torch.ao) ;;
+    *) echo "Expected --compiled-variants among hq, torch.ao, but got '$kind'." >&2; exit 2 ;;
+  esac
+done
+compiled_wanted() { [[ " $COMPILED_MODELS " == *" $1 "* && " $COMPILED_KINDS " == *" ${2%% *} "* ]]; }
 
 start=$(date +%s)
 STATUS=0
@@ -117,7 +127,7 @@ write_report() {
         echo
         echo "Compiled ($BACKEND), $model, $variant:"
         echo
-        if [[ " $COMPILED_MODELS " == *" $model "* ]]; then part "qat_compiled_${model}_${variant%% *}.md" compiled
+        if compiled_wanted "$model" "$variant"; then part "qat_compiled_${model}_${variant%% *}.md" compiled
         else part "-" "-"; fi
       done
     done
@@ -170,6 +180,7 @@ wanted eager && run_part "QAT step, eager" "$WORK/qat_eager.md" \
 if wanted compiled; then
   for model in $COMPILED_MODELS; do
     for variant in "${COMPILED_VARIANTS[@]}"; do
+      compiled_wanted "$model" "$variant" || continue
       run_part "QAT step, compiled, $model, $variant" "$WORK/qat_compiled_${model}_${variant%% *}.md" \
         "${QAT[@]}" --models "$model" --variants "float compiled,$variant"
     done
