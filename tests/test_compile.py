@@ -158,3 +158,34 @@ def test_compiled_fake_quant_keeps_its_gradient(backend):
     expected = run(fq)
     assert torch.equal(run(torch.compile(fq, backend=backend, fullgraph=True)), expected)
     assert expected.abs().sum() > 0
+
+
+
+def test_inductor_recomputes_the_fake_quant_mask_in_backward():
+    """The backward recomputes the STE mask from the saved input. AOTAutograd's CSE must not merge
+    that recomputation into the forward's identical ops: the partitioner then keeps the masks for
+    backward (the fake quant's as float, ReLU6's as ``bool``, both written transposed out of the
+    channels-last layout) instead of the convolution output, and MobileNetV2's compiled QAT step
+    cost 1.57x compiled float instead of 0.84x (bench/results/qat_step.md)."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    block = torch.nn.Sequential(
+        torch.nn.Conv2d(32, 8, 1, bias=False), torch.nn.BatchNorm2d(8), torch.nn.ReLU6(),
+        torch.nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), torch.nn.BatchNorm2d(8), torch.nn.ReLU6(),
+        torch.nn.Conv2d(8, 32, 1, bias=False), torch.nn.BatchNorm2d(32), torch.nn.AdaptiveAvgPool2d(1),
+    )
+    model = prepare_qat_fx(Stubbed(block), {"": default_qat_8bit_fake_quant_qconfig})
+    x = torch.randn(2, 32, 4, 4)
+    model(x)  # the observers' first batch shapes their buffers: one compile below
+    compiled = torch.compile(model)
+    _, (forward, backward) = run_and_get_code(lambda: compiled(x).sum().backward())
+    kernels = {
+        name: re.findall(r"^(cpp_fused\w*) = async_compile", code, re.M)
+        for name, code in (("forward", forward), ("backward", backward))
+    }
+    masks = {name: [k for k in found if "fmin" in k or "hardtanh_backward" in k] for name, found in kernels.items()}
+    assert kernels["forward"] and masks["backward"], kernels  # the check looks at real kernels
+    assert not masks["forward"], f"the forward computes masks for backward: {masks['forward']}"

@@ -180,20 +180,24 @@ def test_nan_and_inf_batches_are_skipped_counted_and_reported(make):
     assert check_nonfinite(obs) == {}
 
 
-@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("per_channel", [False, True, "weight"])
 def test_device_path_equals_the_host_path(per_channel, monkeypatch):
     """The tensor-only decision (CUDA, distributed: foreach updates; compiled: per-tensor ops) gives
-    the same statistics and counts as the eager CPU one that reads two scalars."""
+    the same statistics and counts as the eager CPU one that reads two scalars. ``"weight"``: a
+    conv weight per output channel, which compiled on the CPU reduces in channels-last order."""
     import hq_lightning.quantization.observer as observer_module
 
     g = torch.Generator().manual_seed(0)
-    batches = [torch.randn(3, 4, generator=g) * (i + 1) for i in range(6)]
-    batches[0][0, 0] = float("nan")  # a non-finite first batch leaves the range at 0
-    batches[3][1, 2] = float("inf")
+    shape = (5, 3, 2, 3) if per_channel == "weight" else (3, 4)
+    batches = [torch.randn(shape, generator=g) * (i + 1) for i in range(6)]
+    batches[0].view(-1)[0] = float("nan")  # a non-finite first batch leaves the range at 0
+    batches[3].view(-1)[6] = float("inf")
+    batches[4].view(-1)[[7, 10]] = torch.tensor([-0.0, -40.0])  # -0.0 and a far outlier
+    ch_axis = 0 if per_channel == "weight" else 1
     results = []
     for path in ("host", "device", "compiled"):  # compiled: per-tensor ops where eager uses foreach
         monkeypatch.setattr(observer_module, "_host_reads_are_free", lambda x, host=path == "host": host)
-        obs = (MovingAveragePerChannelMinMaxObserver(ch_axis=1, averaging_constant=0.5) if per_channel
+        obs = (MovingAveragePerChannelMinMaxObserver(ch_axis=ch_axis, averaging_constant=0.5) if per_channel
                else MovingAveragePerTensorMinMaxObserver(averaging_constant=0.5))
         obs(batches[0])
         observe = torch.compile(obs, fullgraph=True, backend="aot_eager") if path == "compiled" else obs

@@ -185,7 +185,10 @@ class _TracedFakeQuantize(torch.autograd.Function):
     def backward(ctx, grad):
         x, inv_scale = ctx.saved_tensors
         with torch.no_grad():  # a constant even under create_graph=True
-            q = torch.round(torch.mul(x.float(), inv_scale))
+            # inv_scale * x, not x * inv_scale: the same bits (IEEE products commute), but not the
+            # forward's node, so the joint graph's CSE does not merge this recomputation into the
+            # forward, where the partitioner would then keep the mask rather than recompute it
+            q = torch.round(torch.mul(inv_scale, x.float()))
             mask = _float_in_range(q, torch.clamp(q, *ctx.qrange))
         return torch.mul(grad, mask.to(grad.dtype)), None, None, None, None
 

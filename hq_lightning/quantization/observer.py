@@ -348,6 +348,14 @@ class MovingAveragePerChannelMinMaxObserver(_MovingAverageMinMax):
 
     def _batch_min_max(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         axis = normalize_ch_axis(self.ch_axis, x.dim())
+        if axis == 0 and x.dim() >= 3 and x.device.type == "cpu" and torch.compiler.is_compiling():
+            # a conv weight: inductor stores it channels-last for the CPU convolution and the
+            # observer reads that copy; in its memory order (out, spatial..., in) the reduction is
+            # a vectorised loop, in the logical order a scalar one with div/mod indexing (ResNet-18,
+            # compiled, one thread: QAT / float 1.23 -> 1.16). Same values: min/max ignore order.
+            rows = x.detach().float().movedim(1, -1)
+            dims = tuple(range(1, x.dim()))
+            return rows.amin(dim=dims), rows.amax(dim=dims)
         flat = x.detach().float().movedim(axis, 0).reshape(x.shape[axis], -1)
         if flat.shape[1] == 0:
             raise ValueError(f"Expected a non-empty input per channel, but got shape {tuple(x.shape)}.")
