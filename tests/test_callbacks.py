@@ -491,6 +491,33 @@ def test_compiled_training_has_the_losses_of_eager(tmp_path):
     assert not any("_orig_mod" in key for key in keys)
 
 
+@pytest.mark.slow
+def test_compiled_qat_without_calibration_compiles_the_first_batch_eagerly(tmp_path, monkeypatch):
+    """Without calibration the first QAT batch shapes the observers' buffers; it runs eagerly, so
+    the compiled step is traced once instead of twice, with the losses of the eager run."""
+    import hq_lightning.callbacks.quantization as callback_module
+
+    losses, graphs = [], []
+    for option, first_batch_eager in ((False, True), ({"backend": "aot_eager"}, True), ({"backend": "aot_eager"}, False)):
+        if not first_batch_eager:
+            monkeypatch.setattr(callback_module, "_observers_await_data", lambda model: False)
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        callback = QuantizationCallback("model", calibration_qconfig=None, export=(), compile=option)
+        recorder = _BatchRecorder()
+        trainer = make_trainer(tmp_path / f"{bool(option)}{first_batch_eager}", [callback, recorder],
+                               max_epochs=1, limit_train_batches=3, limit_val_batches=0)
+        torch._dynamo.utils.counters.clear()
+        trainer.fit(classifier(), digits())
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+        losses.append(torch.stack(recorder.losses))
+    assert torch.equal(losses[0], losses[1]) and torch.equal(losses[0], losses[2])
+    assert graphs[0] == 0 and 0 < graphs[1] < graphs[2], graphs
+    torch._dynamo.utils.counters.clear()  # the stance is back to compiling: a new function traces
+    torch.compile(lambda t: t + 1, backend="eager")(torch.ones(1))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
 def test_compile_option_is_checked():
     with pytest.raises(TypeError, match="Expected `compile` to be a bool or a dict"):
         QuantizationCallback("model", compile="yes")

@@ -95,6 +95,15 @@ def default_calibration_step(pl_module: pl.LightningModule, batch: Any) -> None:
     pl_module(batch_inputs(batch))
 
 
+def _observers_await_data(model: nn.Module) -> bool:
+    """Whether a training forward of ``model`` would feed an observer its first batch."""
+    return model.training and any(
+        module.observer_enabled and not module.activation_post_process.initialized
+        for module in model.modules()
+        if isinstance(module, FakeQuantize)
+    )
+
+
 class QuantizationCallback(LayerReportMixin, Callback):
     """Quantize one submodule of a LightningModule through float, calibration, QAT and conversion.
 
@@ -147,7 +156,9 @@ class QuantizationCallback(LayerReportMixin, Callback):
         compile: compile the prepared submodule in place with ``torch.compile``
             (``Module.compile``, so parameter names and checkpoints are unchanged): ``True``, or a
             dict of ``torch.compile`` arguments (e.g. ``{"mode": "max-autotune"}``). A QAT step
-            compiles as one graph (no host synchronisation); each phase change recompiles once.
+            compiles as one graph (no host synchronisation); each phase change recompiles once. A
+            training batch that gives observers their first data (QAT without calibration) runs
+            eagerly, since observers shape their buffers on it and compiling it would compile twice.
 
     Attributes:
         phase: ``"float"``, ``"calibration"``, ``"qat"`` or ``"done"``.
@@ -275,6 +286,7 @@ class QuantizationCallback(LayerReportMixin, Callback):
         self._metrics_label: str | None = None
         self._metrics_before: dict[str, Any] = {}
         self._state_dirty = False
+        self._eager_stance = None  # torch.compiler stance while observers see their first batch
         self._captured_input: tuple | None = None
         self._module: pl.LightningModule | None = None
         self._state_restored = False
@@ -447,6 +459,21 @@ class QuantizationCallback(LayerReportMixin, Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._state_dirty:
             self._apply_training_state(trainer)
+        if self.compile is not False and self._live is not None and _observers_await_data(self._live):
+            # an observer shapes its buffers on its first batch, so compiling that batch would
+            # compile the step twice (QAT without calibration): it runs eagerly instead
+            self._eager_stance = torch.compiler.set_stance("force_eager")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._restore_compile_stance()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore_compile_stance()
+
+    def _restore_compile_stance(self) -> None:
+        if self._eager_stance is not None:
+            self._eager_stance.__exit__(None, None, None)  # back to the stance before the batch
+            self._eager_stance = None
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._finish_workflow(trainer, pl_module)
