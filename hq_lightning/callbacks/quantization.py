@@ -287,6 +287,7 @@ class QuantizationCallback(LayerReportMixin, Callback):
         self._metrics_before: dict[str, Any] = {}
         self._state_dirty = False
         self._eager_stance = None  # torch.compiler stance while observers see their first batch
+        self._first_batch_of_state = False  # the next batch is the first in a newly applied state
         self._captured_input: tuple | None = None
         self._module: pl.LightningModule | None = None
         self._state_restored = False
@@ -459,9 +460,11 @@ class QuantizationCallback(LayerReportMixin, Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._state_dirty:
             self._apply_training_state(trainer)
-        if self.compile is not False and self._live is not None and _observers_await_data(self._live):
-            # an observer shapes its buffers on its first batch, so compiling that batch would
-            # compile the step twice (QAT without calibration): it runs eagerly instead
+        first, self._first_batch_of_state = self._first_batch_of_state, False
+        # an observer shapes its buffers on its first batch, so compiling that batch would compile
+        # the step twice (QAT without calibration): it runs eagerly instead. Observers only start
+        # in a newly applied state, so later batches skip the scan.
+        if first and self.compile is not False and _observers_await_data(self._live):
             self._eager_stance = torch.compiler.set_stance("force_eager")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -536,6 +539,7 @@ class QuantizationCallback(LayerReportMixin, Callback):
         self._state_dirty = False
         if live is None:
             return
+        self._first_batch_of_state = True
         if self.phase == "float":
             set_fake_quantize(live, FakeQuantState.FLOAT)
             return
