@@ -498,7 +498,7 @@ def test_product_of_leaf_and_constant_recomputes_its_mask(dtype, ch_axis):
         if recompute:
             assert len(saved) == 3 and saved[0] is w and saved[1] is factor
         else:
-            assert len(saved) == 1 and saved[0].dtype == torch.bool
+            assert len(saved) == 1 and saved[0].element_size() == 1  # a 1-byte mask
         y.backward(grad)
         outputs.append(y.detach())
         grads.append(w.grad)
@@ -519,3 +519,29 @@ def test_product_with_a_trainable_factor_keeps_a_mask():
     assert len(y.grad_fn.saved_tensors) == 1  # the factor needs its gradient: not a constant
     y.sum().backward()
     assert factor.grad is not None
+
+
+@pytest.mark.parametrize("producer", [torch.relu, torch.relu_, torch.sigmoid, torch.tanh])
+def test_output_its_producer_keeps_recomputes_its_mask(producer):
+    """On the CPU an input that its autograd node saved for backward (a ReLU's output) is kept by
+    reference, no mask; outputs and gradients equal the saved-mask path's bit for bit."""
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(4, 300, generator=g) * 2
+    grad = torch.randn(4, 300, generator=g)
+    scale = torch.tensor([0.005])  # relu: codes past 127 saturate; sigmoid / tanh: in range
+    results = []
+    for keep in (True, False):
+        leaf = base.clone().requires_grad_(True)
+        x = producer(leaf * 1.0)
+        if not keep:
+            x = x * 1.0  # a plain product: its node keeps the factors, not its output
+        y = fake_quantize(x, scale, "qint8")
+        saved = y.grad_fn.saved_tensors
+        if keep:
+            assert len(saved) == 2 and saved[0].data_ptr() == x.data_ptr()
+        else:
+            assert len(saved) == 1 and saved[0].element_size() == 1
+        y.backward(grad)
+        results.append((y.detach(), leaf.grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert (results[0][1] != 0).any()

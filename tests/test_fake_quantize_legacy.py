@@ -157,12 +157,14 @@ def _inputs(kind, base):
         leaf = (base / 2).requires_grad_(True)
         return leaf * torch.tensor(2.0), leaf
     leaf = base.clone().requires_grad_(True)
+    if kind == "relu":  # an activation its producer keeps for backward: the mask is recomputed
+        return torch.relu(leaf * 1.0), leaf
     return leaf * 1.0 + 0.0, leaf  # an activation: neither a leaf nor leaf * constant
 
 
 @pytest.mark.parametrize("dtype", ["qint8", "qint16"])
 @pytest.mark.parametrize("numel", [40, 8192, 8193, 70000])
-@pytest.mark.parametrize("kind", ["leaf", "product", "activation"])
+@pytest.mark.parametrize("kind", ["leaf", "product", "activation", "relu"])
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_outputs_and_gradients_equal_the_previous_implementation(dtype, numel, kind, per_channel):
     qmin, qmax = QRANGE[dtype]

@@ -180,6 +180,15 @@ def test_nan_and_inf_batches_are_skipped_counted_and_reported(make):
     assert check_nonfinite(obs) == {}
 
 
+def test_a_finite_batch_whose_range_overflows_is_not_skipped():
+    """A per-channel batch whose max - min overflows float32 (the host's quick finite test) is
+    still finite: the element test decides, and the batch counts."""
+    obs = MovingAveragePerChannelMinMaxObserver(ch_axis=0, averaging_constant=1.0)
+    obs(torch.tensor([[3e38, -3e38], [1.0, 2.0]]))
+    assert torch.equal(obs.min_val, torch.tensor([-3e38, 1.0])) and torch.equal(obs.max_val, torch.tensor([3e38, 2.0]))
+    assert check_nonfinite(obs) == {}
+
+
 @pytest.mark.parametrize("per_channel", [False, True, "weight"])
 def test_device_path_equals_the_host_path(per_channel, monkeypatch):
     """The tensor-only decision (CUDA, distributed: foreach updates; compiled: per-tensor ops) gives

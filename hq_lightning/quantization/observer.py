@@ -213,7 +213,12 @@ class _MovingAverageMinMax(ObserverBase):
             if cur_min.numel() == 1:
                 ok = math.isfinite(cur_min.item()) and math.isfinite(cur_max.item())
             else:
-                ok = bool(torch.isfinite(cur_min).all()) and bool(torch.isfinite(cur_max).all())
+                # max - min >= 0 per channel, NaN or +inf where a channel holds NaN or +-inf: a
+                # finite sum says all are finite in three small ops (isfinite().all() twice: ten);
+                # a sum that overflowed decides nothing, so the element test runs then
+                ok = math.isfinite(torch.sub(cur_max, cur_min).sum().item()) or (
+                    bool(torch.isfinite(cur_min).all()) and bool(torch.isfinite(cur_max).all())
+                )
             if not ok:
                 record_nonfinite(self, *nonfinite_flags(cur_min, cur_max))
             bad = None if ok else torch.tensor(True)
