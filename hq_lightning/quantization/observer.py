@@ -53,6 +53,7 @@ from torch import nn
 from hq_lightning.dtype import QuantDType, as_dtype, qinfo
 from hq_lightning.march import March, get_march, uses_power_of_two_scales
 from hq_lightning.quantization.factory import WithArgsMixin
+from hq_lightning.quantization.host_float32 import FLOAT32_MIN_NORMAL, moving_average
 from hq_lightning.quantization.nonfinite import (
     nonfinite_flags,
     record_nonfinite,
@@ -231,6 +232,47 @@ class _MovingAverageMinMax(ObserverBase):
         cur_min, cur_max = self._clip(cur_min, cur_max)
         self._update(cur_min, cur_max, bad)
         return x
+
+    def update_on_host(self, x: torch.Tensor) -> tuple[float, float] | None:
+        """Make ``forward(x)``'s update with host floats and return the new ``(min, max)``; or
+        change nothing and return ``None`` where the tensor path must run (then call ``forward``).
+
+        Taken per tensor, on the CPU in eager mode without a process group (where reading a scalar
+        is free), once the range is initialised, for a finite batch: the moving average of two
+        numbers in float32 on the host (:mod:`hq_lightning.quantization.host_float32`: the same
+        bits) and two ``fill_``, where the tensor path runs about six small ops. Observers that
+        clip, keep float64 ranges, or run hooks always take the tensor path.
+        """
+        if (
+            self.per_channel
+            or type(self)._clip is not _MovingAverageMinMax._clip
+            or self._forward_hooks
+            or self._forward_pre_hooks
+            or not isinstance(x, torch.Tensor)
+            or x.dtype != torch.float32
+            or x.numel() == 0
+            or not _host_reads_are_free(x)
+        ):
+            return None
+        ranges = self._buffers["min_val"], self._buffers["max_val"]
+        if ranges[0].numel() != 1 or ranges[0].dtype != torch.float32 or ranges[1].dtype != torch.float32:
+            return None
+        cur_min, cur_max = torch.aminmax(x.detach())
+        current = cur_min.item(), cur_max.item()
+        if not (math.isfinite(current[0]) and math.isfinite(current[1])):
+            return None  # the tensor path skips and counts the batch
+        values = ranges[0].item(), ranges[1].item()
+        if any(0.0 < abs(v) < FLOAT32_MIN_NORMAL for v in (*current, *values)):
+            return None  # subnormal operands: a CPU flushing denormals computes otherwise
+        c = self.averaging_constant
+        if c == 0.0:
+            return values
+        updated = [moving_average(value, cur, c) for value, cur in zip(values, current)]
+        if None in updated:
+            return None  # a step left float32's normal range: the tensor path rounds it
+        for buffer, value in zip(ranges, updated):
+            buffer.fill_(value)
+        return updated[0], updated[1]
 
     def _update(self, cur_min: torch.Tensor, cur_max: torch.Tensor, bad: torch.Tensor | None) -> None:
         """Moving average; with ``bad`` (0-d bool tensor) the batch counts only where it is False.

@@ -22,8 +22,9 @@ import torch
 
 from hq_lightning.dtype import QuantDType, qinfo
 from hq_lightning.march import March, get_march, uses_power_of_two_scales
+from hq_lightning.quantization.host_float32 import to_float32
 
-__all__ = ["SCALE_EPS", "amax_from_min_max", "compute_scale", "snap_power_of_two"]
+__all__ = ["SCALE_EPS", "amax_from_min_max", "compute_scale", "compute_scale_on_host", "snap_power_of_two"]
 
 SCALE_EPS = torch.finfo(torch.float32).eps
 _MIN_SHIFT, _MAX_SHIFT = 1, 14
@@ -62,3 +63,22 @@ def compute_scale(
     if uses_power_of_two_scales(get_march() if march is None else march):
         scale = snap_power_of_two(scale)
     return scale
+
+
+def compute_scale_on_host(amax: float, dtype: QuantDType | str, march: March | str) -> float | None:
+    """:func:`compute_scale` of one float32 ``amax`` given as a Python float, with the same bits
+    (:mod:`hq_lightning.quantization.host_float32`), or ``None`` where the host does not compute
+    it: power-of-two marches (their ``log2`` is torch's own) and a quotient outside float32's
+    normal range.
+
+    Example:
+        >>> compute_scale_on_host(127.5, "qint8", "bayes")
+        1.0
+        >>> compute_scale_on_host(1.0, "qint8", "bernoulli") is None
+        True
+    """
+    if uses_power_of_two_scales(march):
+        return None
+    info = qinfo(dtype)
+    scale = to_float32(amax / ((info.max - info.min) / 2.0))
+    return None if scale is None else max(scale, SCALE_EPS)
