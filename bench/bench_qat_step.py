@@ -5,7 +5,9 @@ configuration (input size, batch, intra-op threads) we time the median of repeat
 process, the steps of all variants interleaved round-robin, so that load on a shared machine
 drifts over all variants alike and the ratios stay comparable (``--schedule blocked`` runs each
 variant's steps back to back instead, as a training run does: interleaving makes each step start
-from the other model's allocator and cache state, which costs the step that allocates more):
+from the other model's allocator and cache state, which costs the step that allocates more;
+``--rounds R`` repeats the blocks R times in turn, so that a shared machine's load drifts over all
+variants alike here too, and leaves each block's first step out of the timing):
 
 - ``float``: the float model;
 - ``hq fuse_bn``: ``prepare_qat_fx(model, {"": default_qat_8bit_fake_quant_qconfig})``;
@@ -181,11 +183,16 @@ def measure_variants(model_name, variants, size, batch, args) -> dict[str, tuple
     faults: dict[str, list[int]] = {v: [] for v in variants}
     if args.schedule == "interleaved":
         order = [v for _ in range(args.steps) for v in variants]
-    else:  # each variant's steps back to back, as in a training run
-        order = [v for v in variants for _ in range(args.steps)]
+    else:  # each variant's steps back to back, as in a training run; blocks in turn over rounds
+        order = [v for _ in range(args.rounds) for v in variants for _ in range(args.steps + (args.rounds > 1))]
+    previous = None
     for variant in order:
         start, cpu_start, faults_start = time.perf_counter(), time.process_time(), _minor_faults()
         steps[variant](x, target)
+        if args.schedule == "blocked" and args.rounds > 1 and variant != previous:
+            previous = variant  # a block's first step starts from the other model's state: untimed
+            continue
+        previous = variant
         times[variant].append(time.perf_counter() - start)
         cpu_times[variant].append(time.process_time() - cpu_start)
         faults[variant].append(_minor_faults() - faults_start)
@@ -284,7 +291,9 @@ def run(args: argparse.Namespace) -> str:
                   else f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads")
         lines = [
             f"device: {device}; torch {torch.__version__}; input {size}x{size}, batch {batch}; "
-            f"{args.steps} timed steps ({args.schedule}) after {args.warmup} warm-up steps; compiled variants relative to "
+            f"{args.steps * args.rounds} timed steps ({args.schedule}"
+            + (f", {args.rounds} rounds of {args.steps}" if args.rounds > 1 else "")
+            + f") after {args.warmup} warm-up steps; compiled variants relative to "
             "`float compiled`",
             "",
             "| model | variant | wall step (ms, median) | / float | CPU step (ms, median) | / float | peak step memory (MiB) | / float "
@@ -318,6 +327,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--schedule", default="interleaved", choices=("interleaved", "blocked"),
                         help="interleaved: one step of each variant in turn (load drifts over all alike); "
                              "blocked: each variant's steps back to back (the allocator and caches as in training)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="with --schedule blocked: repeat every variant's block this many times, in turn")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--out", default=None, help="markdown file to write (default: print it to stdout)")
     args = parser.parse_args(argv)
