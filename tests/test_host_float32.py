@@ -63,7 +63,7 @@ def test_scale_on_host_equals_compute_scale(dtype):
 def _run(fq: FakeQuantize, batches, host: bool, monkeypatch):
     """Outputs, input gradients and buffers after each batch, the host path on or off."""
     if not host:
-        monkeypatch.setattr(FakeQuantize, "_observe_on_host", lambda self, x: (False, None))
+        monkeypatch.setattr(FakeQuantize, "_observe_on_host", lambda self, observer, x: (False, None))
     trace = []
     for batch, relu in batches:
         leaf = batch.clone().requires_grad_(True)
