@@ -107,3 +107,25 @@ def test_the_host_path_counts_a_nan_batch_like_the_tensor_path():
     assert fq.activation_post_process.max_val.item() == 2.5
     with pytest.raises(ValueError, match="1 batch"):
         check_nonfinite(fq)
+
+
+def test_the_host_path_steps_aside_where_it_would_differ():
+    """Hooks on the observer, a float64 range, a float16 input and a range not yet initialised
+    take the tensor path (``update_on_host`` changes nothing and returns None)."""
+    x = torch.tensor([1.0, -2.0])
+    fresh = MinMaxObserver(averaging_constant=0.5)
+    assert fresh.update_on_host(x) is None and fresh.min_val.numel() == 0
+    hooked = MinMaxObserver(averaging_constant=0.5)
+    hooked(x)
+    hooked.register_forward_hook(lambda module, args, out: None)
+    assert hooked.update_on_host(x * 3) is None and hooked.max_val.item() == 1.0
+    wide = MinMaxObserver(averaging_constant=0.5)
+    wide(x)
+    wide.double()  # float64 ranges, computed in float64 by the tensor path
+    assert wide.update_on_host(x * 3) is None
+    half = MinMaxObserver(averaging_constant=0.5)
+    half(x)
+    assert half.update_on_host((x * 3).half()) is None and half.max_val.item() == 1.0
+    frozen = MinMaxObserver(averaging_constant=0.0)
+    frozen(x)
+    assert frozen.update_on_host(x * 3) == (-2.0, 1.0) and frozen.max_val.item() == 1.0
