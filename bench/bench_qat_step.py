@@ -287,12 +287,13 @@ def run(args: argparse.Namespace) -> str:
                       + f"  page faults {step_faults:.0f}",
                       file=sys.stderr, flush=True)
                 summary.append((model_name, f"{size}x{size}", batch, torch.get_num_threads(), variant, row[3], row[5], mem_ratio))
+        rounds = args.rounds if args.schedule == "blocked" else 1  # interleaving has no blocks to repeat
         device = (torch.cuda.get_device_name() if args.device == "cuda"
                   else f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads")
         lines = [
             f"device: {device}; torch {torch.__version__}; input {size}x{size}, batch {batch}; "
-            f"{args.steps * args.rounds} timed steps ({args.schedule}"
-            + (f", {args.rounds} rounds of {args.steps}" if args.rounds > 1 else "")
+            f"{args.steps * rounds} timed steps ({args.schedule}"
+            + (f", {rounds} rounds of {args.steps}" if rounds > 1 else "")
             + f") after {args.warmup} warm-up steps; compiled variants relative to "
             "`float compiled`",
             "",
@@ -328,7 +329,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="interleaved: one step of each variant in turn (load drifts over all alike); "
                              "blocked: each variant's steps back to back (the allocator and caches as in training)")
     parser.add_argument("--rounds", type=int, default=1,
-                        help="with --schedule blocked: repeat every variant's block this many times, in turn")
+                        help="with --schedule blocked: repeat every variant's block this many times, in turn "
+                             "(interleaved: ignored)")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--out", default=None, help="markdown file to write (default: print it to stdout)")
     args = parser.parse_args(argv)
