@@ -21,6 +21,7 @@
 # Time on one H200 (torch 2.11 image), measured per part: fake quant vs copy 22 s; the compiled hq
 # parts 71 s (ResNet-18) and 141 s (MobileNetV2), nearly all of it compiling the float and the QAT
 # step; the whole suite about 8-10 minutes, so a 15-minute loan runs it once, or --parts the rest.
+# gpu.md's header lists the time each part took in the run that wrote it.
 #
 # The parts run cheapest first, and gpu.md is rewritten after each one, so a run stopped from outside
 # still leaves every finished part; a part that fails or runs out of time is reported with the end
@@ -85,12 +86,13 @@ compiled_wanted() { [[ " $COMPILED_MODELS " == *" $1 "* && " $COMPILED_KINDS " =
 
 start=$(date +%s)
 STATUS=0
-PARTS=()
+TIMES=()  # "part: N s" for each part run, in the report: where the suite's minutes go
 # run_part NAME FILE CMD...: runs CMD under the part's time limit, its stdout to FILE, its stderr to
 # the log (and to ours); a failure leaves the end of the log in FILE instead.
 run_part() {
-  local name="$1" file="$2"; shift 2
-  echo "== $name ($(( $(date +%s) - start )) s)" >&2
+  local name="$1" file="$2" part_start; shift 2
+  part_start=$(date +%s)
+  echo "== $name ($(( part_start - start )) s)" >&2
   timeout --kill-after=10 "$SECTION_LIMIT" "$@" > "$file.out" 2> >(tee "$file.log" >&2)
   local rc=$?
   if [ $rc -eq 0 ]; then
@@ -102,7 +104,7 @@ run_part() {
       tail -n 20 "$file.log"; echo '```'; } > "$file"
     [ $STATUS -ne 0 ] || STATUS=$rc
   fi
-  PARTS+=("$file")
+  TIMES+=("$name: $(( $(date +%s) - part_start )) s")
   write_report
 }
 
@@ -118,6 +120,10 @@ write_report() {
     echo "# GPU suite"
     echo
     echo "Written by \`bench/gpu_suite.sh --device $DEVICE\` after ${elapsed} s; $DEVICE_LINE."
+    if [ ${#TIMES[@]} -gt 0 ]; then
+      local joined; joined=$(printf '%s; ' "${TIMES[@]}")
+      echo "Time per part: ${joined%; }."
+    fi
     echo "Ratios are against the float model on the same device (compiled variants: against \`float compiled\`)."
     echo
     echo "## 1. QAT step and peak memory ($CONFIGS as HxW:batch:threads, torchvision models, 10 classes)"
@@ -167,12 +173,14 @@ wanted converted && run_part "converted vs float" "$WORK/converted.md" \
   "$PYTHON" bench/gpu_checks.py converted --device "$DEVICE" $CONV_ARGS
 
 if wanted pytest; then
-  echo "== pytest -m gpu ($(( $(date +%s) - start )) s)" >&2
+  pytest_start=$(date +%s)
+  echo "== pytest -m gpu ($(( pytest_start - start )) s)" >&2
   timeout --kill-after=10 "$SECTION_LIMIT" "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider $PYTEST_TARGETS \
     > "$WORK/pytest.txt" 2>&1
   PYTEST_RC=$?
   tail -n 5 "$WORK/pytest.txt" >&2
   [ $STATUS -ne 0 ] || STATUS=$PYTEST_RC
+  TIMES+=("pytest -m gpu: $(( $(date +%s) - pytest_start )) s")
   write_report
 fi
 
