@@ -201,6 +201,7 @@ class AppConfig:
     seed: int = 0
     output_dir: str = MISSING
     print_config: bool = False
+    fix_malloc_thresholds: bool = True
 
 
 def register_configs(store: ConfigStore | None = None) -> None:
