@@ -77,7 +77,7 @@ def run(cfg: DictConfig, output_dir: str | None = None, multirun: bool = False) 
         from hq_lightning.utils.malloc import fix_malloc_thresholds
 
         fixed = fix_malloc_thresholds()
-        log.info("malloc thresholds: %s", "fixed (mmap 32 MiB, trim 1 GiB)" if fixed else "left (not glibc)")
+        log.info("malloc thresholds: %s", "fixed (hq_lightning.utils.malloc)" if fixed else "left (not glibc)")
     march = as_march(cfg.march.name)
     set_march(march)
     check_one_device_per_job(cfg.trainer, multirun)

@@ -59,7 +59,7 @@ from hq_lightning.quantization.nonfinite import (
     record_nonfinite,
     register_nonfinite,
 )
-from hq_lightning.quantization.qparams import compute_scale, snap_power_of_two
+from hq_lightning.quantization.qparams import compute_scale, half_range, snap_power_of_two
 from hq_lightning.quantization.sync import (
     check_sync_mode,
     is_distributed,
@@ -474,8 +474,7 @@ class FixedScaleObserver(ObserverBase):
         return x
 
     def calculate_amax(self) -> torch.Tensor:
-        info = qinfo(self.dtype)
-        return self.scale * ((info.max - info.min) / 2.0)
+        return self.scale * half_range(self.dtype)
 
     def calculate_scale(self, march=None):
         scale = self.scale.clone()
@@ -688,7 +687,7 @@ class _HistogramObserver(ObserverBase):
         centres = (torch.arange(self.bins, dtype=torch.float64) + 0.5) * width
         counts = self.histogram.double().cpu()
         info = qinfo(self.dtype)
-        half = (info.max - info.min) / 2.0
+        half = half_range(self.dtype)
         errors = []
         for chunk in amaxes.double().cpu().split(256):
             scale = (chunk / half).clamp_min(torch.finfo(torch.float32).eps).unsqueeze(1)

@@ -24,10 +24,16 @@ from hq_lightning.dtype import QuantDType, qinfo
 from hq_lightning.march import March, get_march, uses_power_of_two_scales
 from hq_lightning.quantization.host_float32 import to_float32
 
-__all__ = ["SCALE_EPS", "amax_from_min_max", "compute_scale", "compute_scale_on_host", "snap_power_of_two"]
+__all__ = ["SCALE_EPS", "amax_from_min_max", "compute_scale", "compute_scale_on_host", "half_range", "snap_power_of_two"]
 
 SCALE_EPS = torch.finfo(torch.float32).eps
 _MIN_SHIFT, _MAX_SHIFT = 1, 14
+
+
+def half_range(dtype: QuantDType | str) -> float:
+    """``(qmax - qmin) / 2``: what ``amax`` is divided by (127.5 for int8, 32767.5 for int16)."""
+    info = qinfo(dtype)
+    return (info.max - info.min) / 2.0
 
 
 def amax_from_min_max(min_val: torch.Tensor, max_val: torch.Tensor) -> torch.Tensor:
@@ -55,11 +61,9 @@ def compute_scale(
     Returns:
         float32 tensor of the same shape as ``amax``.
     """
-    info = qinfo(dtype)
-    half_range = (info.max - info.min) / 2.0
     # max(amax, 0) / h floored at eps == max(amax / h, eps) for every float (NaN included): a
     # negative amax / h is below eps either way, so one clamp does both (one small op less per step)
-    scale = torch.div(amax.float(), half_range).clamp_min_(SCALE_EPS)
+    scale = torch.div(amax.float(), half_range(dtype)).clamp_min_(SCALE_EPS)
     if uses_power_of_two_scales(get_march() if march is None else march):
         scale = snap_power_of_two(scale)
     return scale
@@ -79,6 +83,5 @@ def compute_scale_on_host(amax: float, dtype: QuantDType | str, march: March | s
     """
     if uses_power_of_two_scales(march):
         return None
-    info = qinfo(dtype)
-    scale = to_float32(amax / ((info.max - info.min) / 2.0))
+    scale = to_float32(amax / half_range(dtype))
     return None if scale is None else max(scale, SCALE_EPS)
