@@ -167,10 +167,9 @@ def _minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def measure_variants(model_name, variants, size, batch, args) -> dict[str, tuple[float, float, int | None, float]]:
-    """(median wall seconds, median CPU seconds, peak step bytes, median minor page faults) of each
-    variant; timed steps interleave round-robin (``--schedule interleaved``) or run back to back
-    per variant."""
+def warmed_steps(model_name, variants, size, batch, args):
+    """The training step of each variant, built from one float model and run ``--warmup`` times
+    (a compiled variant compiles in its first step), with the batch it ran on."""
     x, target = inputs(batch, size, args.num_classes, args.device)
     torch.manual_seed(0)
     model = float_model(args.source, model_name, args.num_classes)
@@ -178,6 +177,14 @@ def measure_variants(model_name, variants, size, batch, args) -> dict[str, tuple
     for _ in range(args.warmup):
         for step in steps.values():
             step(x, target)
+    return steps, x, target
+
+
+def measure_variants(model_name, variants, size, batch, args) -> dict[str, tuple[float, float, int | None, float]]:
+    """(median wall seconds, median CPU seconds, peak step bytes, median minor page faults) of each
+    variant; timed steps interleave round-robin (``--schedule interleaved``) or run back to back
+    per variant."""
+    steps, x, target = warmed_steps(model_name, variants, size, batch, args)
     times: dict[str, list[float]] = {v: [] for v in variants}
     cpu_times: dict[str, list[float]] = {v: [] for v in variants}
     faults: dict[str, list[int]] = {v: [] for v in variants}
@@ -265,6 +272,21 @@ def run(args: argparse.Namespace) -> str:
     """Measure every configuration, print rows to stderr as they come, return the markdown report."""
     set_march("bayes")
     variants = [v for v in args.variants.split(",") if v]
+    if args.warm_only:
+        import torch._inductor.config as inductor_config
+
+        # the suite warms its graphs side by side: Triton's autotuning of a kernel measured under that
+        # contention is not kept, so the measuring process tunes its kernels alone (not in the key)
+        inductor_config.autotune_local_cache = False
+        for size, batch, threads in parse_configs(args.configs):
+            if threads:
+                torch.set_num_threads(threads)
+            for model_name in args.models.split(","):
+                start = time.perf_counter()
+                warmed_steps(model_name, variants, size, batch, args)
+                print(f"{size}x{size} b{batch} {model_name}: {', '.join(variants)} warmed in "
+                      f"{time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+        return ""
     if "float" not in variants:
         variants.insert(0, "float")
     sections, summary = [], []
@@ -332,9 +354,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="with --schedule blocked: repeat every variant's block this many times, in turn "
                              "(interleaved: ignored)")
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--warm-only", action="store_true",
+                        help="build and run the warm-up steps of --variants (without the float step they are "
+                             "measured against), measure nothing, write no report: fills torch.compile's "
+                             "on-disk caches, so a later process that measures the same variants loads their "
+                             "compiled graphs instead of compiling them (bench/gpu_suite.sh runs these in parallel)")
     parser.add_argument("--out", default=None, help="markdown file to write (default: print it to stdout)")
     args = parser.parse_args(argv)
     report = run(args)  # progress goes to stderr, so stdout holds the report alone
+    if args.warm_only:
+        return
     if args.out:
         Path(args.out).write_text(report)
     else:

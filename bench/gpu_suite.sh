@@ -14,18 +14,25 @@
 #   --compiled-models picks the models of the compiled part (comma-separated; default all), e.g. to
 #   finish one that ran out of time without paying again for the others.
 #   --compiled-variants picks the variants of the compiled part the same way: hq, torch.ao.
+#   COMPILE_BACKEND=... overrides torch.compile's backend (inductor on cuda, eager on cpu).
 #   PYTHON=... picks the interpreter (default: .venv/bin/python if present, else python3).
-#   SECTION_LIMIT=... caps each part in seconds (default 200 on cuda): a GPU is lent for minutes, so
-#   one part that hangs or compiles for too long must not cost the others.
+#   SECTION_LIMIT=... caps each part, and each compile warm-up, in seconds (default 200 on cuda): a
+#   GPU is lent for minutes, so one part that hangs or compiles for too long must not cost the others.
 #
-# Time on one H200 (torch 2.11 image), measured per part: fake quant vs copy 22 s; the compiled hq
-# parts 71 s (ResNet-18) and 141 s (MobileNetV2), nearly all of it compiling the float and the QAT
-# step; the whole suite about 8-10 minutes, so a 15-minute loan runs it once, or --parts the rest.
-# gpu.md's header lists the time each part took in the run that wrote it.
+# Where the time goes. On one H200 (torch 2.11 image), with every compile in its timed part (the
+# suite up to 914b1f2): fake quant vs copy 22 s; the compiled hq parts 71 s (ResNet-18) and
+# 141 s (MobileNetV2), nearly all of it compiling the float and the QAT step; the whole suite about
+# 8-10 minutes. Compiling dominates, so the suite now runs in two stages:
+#   1. untimed: the six compiled training steps (float, hq, torch.ao; ResNet-18, MobileNetV2) warm
+#      torch.compile's on-disk caches in parallel processes, with `pytest -m gpu` beside them; about
+#      as long as the longest compile;
+#   2. timed, one part at a time: fake quant vs copy, converted vs float, eager QAT steps, then the
+#      compiled QAT steps, one process per model, which load their graphs from the caches.
+# gpu.md's header lists the time each stage and part took in the run that wrote it.
 #
-# The parts run cheapest first, and gpu.md is rewritten after each one, so a run stopped from outside
-# still leaves every finished part; a part that fails or runs out of time is reported with the end
-# of its log, and the suite goes on. The exit status is the first failing part's (0 when all pass).
+# gpu.md is rewritten after each part, so a run stopped from outside still leaves every finished
+# part; a part that fails or runs out of time is reported with the end of its log, and the suite
+# goes on. The exit status is the first failing part's (0 when all pass).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -65,6 +72,7 @@ else
   PYTEST_TARGETS="tests/test_gpu.py"; SECTION_LIMIT=${SECTION_LIMIT:-600}
 fi
 
+BACKEND=${COMPILE_BACKEND:-$BACKEND}  # e.g. COMPILE_BACKEND=inductor --device cpu: the two stages, timed on a CPU
 COMPILED_MODELS=${COMPILED_MODELS:-$MODELS}
 for part in ${PARTS_WANTED//,/ }; do
   case ",fakequant,converted,pytest,eager,compiled," in
@@ -73,16 +81,16 @@ for part in ${PARTS_WANTED//,/ }; do
   esac
 done
 wanted() { [[ "$PARTS_WANTED" == *",$1,"* ]]; }
-# compiled variants run one per process, each under its own limit; the float model compiles in each
-# (inductor's on-disk cache makes the second compile of the same graph a lookup)
-COMPILED_VARIANTS=("hq fuse_bn compiled" "torch.ao compiled")
 COMPILED_KINDS=${COMPILED_KINDS:-hq torch.ao}
+COMPILED_VARIANTS=()  # the compiled part measures these against `float compiled`, one process per model
 for kind in $COMPILED_KINDS; do
-  case "$kind" in hq|torch.ao) ;;
+  case "$kind" in
+    hq) COMPILED_VARIANTS+=("hq fuse_bn compiled") ;;
+    torch.ao) COMPILED_VARIANTS+=("torch.ao compiled") ;;
     *) echo "Expected --compiled-variants among hq, torch.ao, but got '$kind'." >&2; exit 2 ;;
   esac
 done
-compiled_wanted() { [[ " $COMPILED_MODELS " == *" $1 "* && " $COMPILED_KINDS " == *" ${2%% *} "* ]]; }
+compiled_list() { local IFS=,; echo "float compiled,${COMPILED_VARIANTS[*]}"; }
 
 start=$(date +%s)
 STATUS=0
@@ -132,13 +140,11 @@ write_report() {
     echo
     part qat_eager.md eager
     for model in $MODELS; do
-      for variant in "${COMPILED_VARIANTS[@]}"; do
-        echo
-        echo "Compiled ($BACKEND), $model, $variant:"
-        echo
-        if compiled_wanted "$model" "$variant"; then part "qat_compiled_${model}_${variant%% *}.md" compiled
-        else part "-" "-"; fi
-      done
+      echo
+      echo "Compiled ($BACKEND), $model:"
+      echo
+      if [[ " $COMPILED_MODELS " == *" $model "* ]]; then part "qat_compiled_${model}.md" compiled
+      else part "-" "-"; fi
     done
     echo
     echo "## 2. Fake quant forward + backward against a plain copy of the same tensor"
@@ -166,35 +172,70 @@ write_report() {
 DEVICE_LINE=$("$PYTHON" -c 'import torch; print(f"torch {torch.__version__}, " + (torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"))' 2>&1 | tail -n 1)
 write_report
 
+QAT=("$PYTHON" bench/bench_qat_step.py --device "$DEVICE" --configs "$CONFIGS" --steps "$STEPS" --warmup "$WARMUP"
+     --compile-backend "$BACKEND")
+
+# Stage 1, nothing timed: every graph the timed parts compile is compiled once, each in its own
+# process, all at once, into torch.compile's on-disk caches (inductor's FX graph and AOTAutograd
+# caches, Triton's kernels); `pytest -m gpu` runs beside them. Compiling is host work and the graphs
+# are independent, so this takes about as long as the longest one (MobileNetV2's QAT step) where
+# one after another it took the sum; the timed parts then load each graph instead of compiling it
+# (ResNet-18 on the CPU: 86 s of compiling the three variants one by one, 23 s for the process that
+# loads and measures them). A warm-up that fails costs nothing but time: its timed part compiles.
+WARM_PIDS=()
+WARM_NAMES=()
+warm() {  # warm NAME CMD...: in the background, under the part's limit, its output to a log
+  local name="$1"; shift
+  timeout --kill-after=10 "$SECTION_LIMIT" "$@" > "$WORK/warm_${#WARM_PIDS[@]}.log" 2>&1 &
+  WARM_PIDS+=($!)
+  WARM_NAMES+=("$name")
+}
+if wanted compiled; then
+  for model in $COMPILED_MODELS; do
+    for variant in "float compiled" "${COMPILED_VARIANTS[@]}"; do
+      warm "$model, $variant" "${QAT[@]}" --warm-only --models "$model" --variants "$variant"
+    done
+  done
+fi
+if [ ${#WARM_PIDS[@]} -gt 0 ] || wanted pytest; then
+  warm_start=$(date +%s)
+  echo "== stage 1: ${#WARM_PIDS[@]} compile warm-ups in parallel$(wanted pytest && echo ', pytest -m gpu beside them') (0 s)" >&2
+  if wanted pytest; then
+    timeout --kill-after=10 "$SECTION_LIMIT" "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider $PYTEST_TARGETS \
+      > "$WORK/pytest.txt" 2>&1
+    PYTEST_RC=$?
+    tail -n 5 "$WORK/pytest.txt" >&2
+    [ $STATUS -ne 0 ] || STATUS=$PYTEST_RC
+    TIMES+=("pytest -m gpu (beside the warm-ups): $(( $(date +%s) - warm_start )) s")
+  fi
+  failed=()
+  for i in "${!WARM_PIDS[@]}"; do
+    if ! wait "${WARM_PIDS[$i]}"; then
+      failed+=("${WARM_NAMES[$i]}")
+      echo "-- warm-up of ${WARM_NAMES[$i]} failed; its timed part compiles it. The end of its log:" >&2
+      tail -n 5 "$WORK/warm_$i.log" >&2
+    fi
+  done
+  if [ ${#WARM_PIDS[@]} -gt 0 ]; then
+    why=""; [ ${#failed[@]} -eq 0 ] || why=", failed: $(printf '%s; ' "${failed[@]}")"
+    TIMES+=("compile warm-ups (${#WARM_PIDS[@]} in parallel${why%; }): $(( $(date +%s) - warm_start )) s")
+  fi
+  write_report
+fi
+
+# Stage 2, timed, one part at a time
 wanted fakequant && run_part "fake quant vs copy" "$WORK/fakequant.md" \
   "$PYTHON" bench/gpu_checks.py fakequant --device "$DEVICE" --compile-backend "$BACKEND" $FQ_ARGS
 
 wanted converted && run_part "converted vs float" "$WORK/converted.md" \
   "$PYTHON" bench/gpu_checks.py converted --device "$DEVICE" $CONV_ARGS
 
-if wanted pytest; then
-  pytest_start=$(date +%s)
-  echo "== pytest -m gpu ($(( pytest_start - start )) s)" >&2
-  timeout --kill-after=10 "$SECTION_LIMIT" "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider $PYTEST_TARGETS \
-    > "$WORK/pytest.txt" 2>&1
-  PYTEST_RC=$?
-  tail -n 5 "$WORK/pytest.txt" >&2
-  [ $STATUS -ne 0 ] || STATUS=$PYTEST_RC
-  TIMES+=("pytest -m gpu: $(( $(date +%s) - pytest_start )) s")
-  write_report
-fi
-
-QAT=("$PYTHON" bench/bench_qat_step.py --device "$DEVICE" --configs "$CONFIGS" --steps "$STEPS" --warmup "$WARMUP"
-     --compile-backend "$BACKEND")
 wanted eager && run_part "QAT step, eager" "$WORK/qat_eager.md" \
   "${QAT[@]}" --models "${MODELS// /,}" --variants "float,hq fuse_bn,torch.ao"
 if wanted compiled; then
   for model in $COMPILED_MODELS; do
-    for variant in "${COMPILED_VARIANTS[@]}"; do
-      compiled_wanted "$model" "$variant" || continue
-      run_part "QAT step, compiled, $model, $variant" "$WORK/qat_compiled_${model}_${variant%% *}.md" \
-        "${QAT[@]}" --models "$model" --variants "float compiled,$variant"
-    done
+    run_part "QAT step, compiled, $model" "$WORK/qat_compiled_${model}.md" \
+      "${QAT[@]}" --models "$model" --variants "$(compiled_list)"
   done
 fi
 

@@ -28,4 +28,6 @@ def test_gpu_suite_smoke_run_on_cpu_writes_every_section(tmp_path):
     for variant in ("| hq fuse_bn |", "| torch.ao |", "| hq fuse_bn compiled |", "| torch.ao compiled |"):
         assert variant in report
     assert "| resnet18 |" in report.split("## 3.")[1]
+    # stage 1 warmed the three compiled steps (float, hq, torch.ao) side by side, none failed
+    assert "compile warm-ups (3 in parallel):" in report
     assert (results.stat().st_mtime_ns if results.exists() else None) == before  # bench/results untouched
