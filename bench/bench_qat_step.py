@@ -272,21 +272,6 @@ def run(args: argparse.Namespace) -> str:
     """Measure every configuration, print rows to stderr as they come, return the markdown report."""
     set_march("bayes")
     variants = [v for v in args.variants.split(",") if v]
-    if args.warm_only:
-        import torch._inductor.config as inductor_config
-
-        # the suite warms its graphs side by side: Triton's autotuning of a kernel measured under that
-        # contention is not kept, so the measuring process tunes its kernels alone (not in the key)
-        inductor_config.autotune_local_cache = False
-        for size, batch, threads in parse_configs(args.configs):
-            if threads:
-                torch.set_num_threads(threads)
-            for model_name in args.models.split(","):
-                start = time.perf_counter()
-                warmed_steps(model_name, variants, size, batch, args)
-                print(f"{size}x{size} b{batch} {model_name}: {', '.join(variants)} warmed in "
-                      f"{time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
-        return ""
     if "float" not in variants:
         variants.insert(0, "float")
     sections, summary = [], []
@@ -335,6 +320,26 @@ def run(args: argparse.Namespace) -> str:
     return "\n".join(head) + "\n\n" + "\n\n".join(sections) + "\n"
 
 
+def warm(args: argparse.Namespace) -> None:
+    """``--warm-only``: build and warm up every variant (compiled ones compile into torch.compile's
+    on-disk caches), measure nothing."""
+    import torch._inductor.config as inductor_config
+
+    # the suite warms its graphs side by side: Triton's autotuning of a kernel measured under that
+    # contention is not kept, so the measuring process tunes its kernels alone (not in the key)
+    inductor_config.autotune_local_cache = False
+    set_march("bayes")
+    variants = [v for v in args.variants.split(",") if v]
+    for size, batch, threads in parse_configs(args.configs):
+        if threads:
+            torch.set_num_threads(threads)
+        for model_name in args.models.split(","):
+            start = time.perf_counter()
+            warmed_steps(model_name, variants, size, batch, args)
+            print(f"{size}x{size} b{batch} {model_name}: {', '.join(variants)} warmed in "
+                  f"{time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -361,9 +366,10 @@ def main(argv: list[str] | None = None) -> None:
                              "compiled graphs instead of compiling them (bench/gpu_suite.sh runs these in parallel)")
     parser.add_argument("--out", default=None, help="markdown file to write (default: print it to stdout)")
     args = parser.parse_args(argv)
-    report = run(args)  # progress goes to stderr, so stdout holds the report alone
     if args.warm_only:
+        warm(args)
         return
+    report = run(args)  # progress goes to stderr, so stdout holds the report alone
     if args.out:
         Path(args.out).write_text(report)
     else:
